@@ -1,0 +1,328 @@
+"""Scaling out: the device mesh, logical-axis rules and multi-process start-up.
+
+Everything here is JAX's own machinery. A `jax.sharding.Mesh` names the device axes
+`data`, `fsdp` and `tensor`; `LOGICAL_RULES` maps the layers' logical axis names onto
+them; `state_shardings` turns a train state's `nn.LogicallyPartitioned` boxes into
+`NamedSharding`s for `jax.jit(..., in_shardings=..., out_shardings=...)`, and XLA's
+SPMD partitioner (GSPMD) inserts the collectives. `jax.distributed` joins the
+processes of a multi-host run.
+
+- data parallelism: the batch is split over `data` (and `fsdp`), parameters replicated
+  along `data`;
+- FSDP / ZeRO-3: parameters and the optimizer moments that mirror them are split along
+  `embed` over `fsdp`, and the batch too, so every `fsdp` device is also a data replica;
+- Megatron tensor parallelism: attention heads, MLP hidden units and the vocabulary
+  are split over `tensor`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
+
+# Batch axes of activations and input batches: every device that is not a tensor
+# shard holds different rows.
+BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
+
+# Flax assigns rules in order and skips a rule whose mesh axes are already taken in
+# that array, so "batch" must come before "embed": an activation [batch, length, embed]
+# gets batch -> (data, fsdp) and leaves embed unsplit, while a parameter [vocab, embed]
+# gets vocab -> tensor, embed -> fsdp.
+LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+# --------------------------------------------------------------------------- processes
+
+# Multi-process launchers whose variables jax.distributed.initialize() reads by itself
+# (see jax._src.clusters); each entry: (variable holding the process count, or a
+# host list whose commas separate processes).
+_LAUNCHER_PROCESS_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+_LAUNCHER_HOST_LISTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
+
+
+def _launched_multi_process() -> bool:
+    """Whether a cluster launcher (Slurm, Open MPI, GKE TPU, multislice) started us
+    as one of several processes."""
+    if any((_env_int(v) or 1) > 1 for v in _LAUNCHER_PROCESS_COUNTS):
+        return True
+    if any("," in os.environ.get(v, "") for v in _LAUNCHER_HOST_LISTS):
+        return True
+    return "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Join a multi-process JAX run (`jax.distributed.initialize`); call before any
+    other JAX work.
+
+    Each argument falls back to the environment variables `JAX_COORDINATOR_ADDRESS`
+    ("host:port" of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; whatever is
+    still unset is detected by JAX from the launcher (Slurm `srun`, Open MPI `mpirun`,
+    Cloud TPU metadata). With nothing given and no multi-process launcher detected this
+    is a no-op, so single-process runs need no flags. Calling it again once initialized
+    is also a no-op.
+
+    Raises:
+      ValueError / TypeError: a malformed argument or environment variable.
+    """
+    if jax.distributed.is_initialized():
+        return
+    coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+    if num_processes is None:
+        num_processes = _env_int("JAX_NUM_PROCESSES")
+    if process_id is None:
+        process_id = _env_int("JAX_PROCESS_ID")
+    given = (coordinator_address, num_processes, process_id)
+    if all(v is None for v in given) and not _launched_multi_process():
+        return
+    if coordinator_address is not None and (
+        not isinstance(coordinator_address, str) or ":" not in coordinator_address
+    ):
+        raise ValueError(
+            f"coordinator_address={coordinator_address!r}: expected 'host:port' of process 0"
+        )
+    for name, value, low in (("num_processes", num_processes, 1), ("process_id", process_id, 0)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TypeError(f"{name}={value!r}: expected an int")
+        if value is not None and value < low:
+            raise ValueError(f"{name}={value}: expected an int >= {low}")
+    if num_processes is not None and process_id is not None and process_id >= num_processes:
+        raise ValueError(
+            f"process_id={process_id}: expected 0 <= process_id < num_processes={num_processes}"
+        )
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+
+
+# -------------------------------------------------------------------------------- mesh
+
+
+def parse_mesh_spec(spec: str | None, num_devices: int) -> dict[str, int]:
+    """Parse "data=2,fsdp=2,tensor=2" into {axis: size} for all of `MESH_AXES`.
+
+    Axes not named get size 1; one axis may be -1, meaning the devices left over.
+    `None` or "" puts every device on `data`. The sizes must multiply to `num_devices`.
+    """
+    if spec is not None and not isinstance(spec, str):
+        raise TypeError(f"spec={spec!r}: expected a string like 'data=2,fsdp=2,tensor=2' or None")
+    if spec is None or not spec.strip():
+        spec = "data=-1"
+    sizes: dict[str, int] = {}
+    for item in spec.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name or not value:
+            raise ValueError(f"mesh spec {spec!r}: item {item.strip()!r} is not 'axis=size'")
+        if name not in MESH_AXES:
+            raise ValueError(f"mesh spec {spec!r}: unknown axis {name!r}, expected one of {MESH_AXES}")
+        if name in sizes:
+            raise ValueError(f"mesh spec {spec!r}: axis {name!r} given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            raise ValueError(f"mesh spec {spec!r}: size {value!r} of axis {name!r} is not an integer") from None
+        if size < 1 and size != -1:
+            raise ValueError(f"mesh spec {spec!r}: size {size} of axis {name!r}: expected >= 1 or -1 (the rest)")
+        sizes[name] = size
+    rest = [name for name, size in sizes.items() if size == -1]
+    if len(rest) > 1:
+        raise ValueError(f"mesh spec {spec!r}: only one axis may be -1, got {rest}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if rest:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh spec {spec!r}: the fixed axes take {known} devices, which does not "
+                f"divide the {num_devices} devices available"
+            )
+        sizes[rest[0]] = num_devices // known
+    elif known != num_devices:
+        raise ValueError(
+            f"mesh spec {spec!r}: the axis sizes multiply to {known}, expected the device "
+            f"count {num_devices} (use -1 on one axis for 'the rest')"
+        )
+    return {name: sizes.get(name, 1) for name in MESH_AXES}
+
+
+def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A mesh over `devices` (default: all devices of all processes) with axes
+    ("data", "fsdp", "tensor"), sized by a spec like "data=2,fsdp=2,tensor=2".
+
+    -1 on one axis means "the rest of the devices"; axes not named have size 1; `None`
+    puts every device on "data". The axes are `AxisType.Auto`, so GSPMD propagates
+    shardings from the jit in/out shardings. `data` is the outermost axis, so on a
+    multi-host run each host's devices hold a contiguous block of the batch.
+
+    Raises:
+      ValueError: malformed spec, unknown or repeated axis, sizes that do not multiply
+        to the number of devices.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh_spec(spec, len(devices))
+    shape = tuple(sizes[name] for name in MESH_AXES)
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+# --------------------------------------------------------------------------- shardings
+
+
+def _mesh_axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _box_sharding(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules) -> NamedSharding:
+    """NamedSharding of one boxed parameter, after checking its names and sizes."""
+    names = tuple(box.names)
+    known = {logical for logical, _ in rules}
+    shape = box.value.shape
+    if len(names) != len(shape):
+        raise ValueError(f"parameter {path}: logical axes {names} do not match its shape {shape}")
+    unknown = [n for n in names if n is not None and n not in known]
+    if unknown:
+        raise ValueError(
+            f"parameter {path}: logical axes {unknown} have no rule; known logical axes: {sorted(known)}"
+        )
+    spec = nn.logical_to_mesh_axes(names, rules)
+    for logical, size, entry in zip(names, shape, spec):
+        axes = _mesh_axes_of(entry)
+        missing = [a for a in axes if a not in mesh.shape]
+        if missing:
+            raise ValueError(f"rules map logical axis {logical!r} to {missing}, not axes of the mesh {dict(mesh.shape)}")
+        split = math.prod(mesh.shape[a] for a in axes)
+        if size % split:
+            raise ValueError(
+                f"parameter {path}: dimension {logical!r} of size {size} is split over mesh "
+                f"axes {axes} of total size {split}, which does not divide it; choose a mesh "
+                f"whose {'/'.join(axes)} size divides {size}"
+            )
+    return NamedSharding(mesh, spec)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+    """NamedShardings for a train state, from its abstract (`jax.eval_shape`) version
+    whose parameters (and the optimizer moments that mirror them) are still
+    `nn.LogicallyPartitioned` boxes.
+
+    Returns the same pytree with every box, and every other leaf, replaced by a
+    `NamedSharding`, so it matches the unboxed state: pass it as `out_shardings` of the
+    jitted init and as in/out shardings of the train step. Leaves without logical names
+    (step counters, scalars) are replicated.
+
+    Raises:
+      ValueError, before any compilation: a logical axis with no rule, or a dimension
+        (e.g. heads) not divisible by the mesh axes it is split over; or no boxes at all
+        while the mesh has fsdp/tensor axes larger than 1 (everything would silently be
+        replicated).
+    """
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    leaves = jax.tree_util.tree_leaves(abstract_state, is_leaf=is_box)
+    if not any(is_box(x) for x in leaves) and math.prod(mesh.shape[a] for a in MESH_AXES[1:]) > 1:
+        raise ValueError(
+            "abstract_state has no nn.LogicallyPartitioned leaves, so nothing could be "
+            f"sharded over the mesh {dict(mesh.shape)}; build it with the boxes kept "
+            "(do not nn.unbox before jax.eval_shape)"
+        )
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def sharding(path, leaf):
+        if is_box(leaf):
+            return _box_sharding(jax.tree_util.keystr(path), leaf, mesh, rules)
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=is_box)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a batch: the leading (batch) dimension split over ("data", "fsdp"),
+    the rest (e.g. seq of [batch, seq] int32 tokens) unsplit."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def _local_batch_shards(mesh: Mesh) -> list[int]:
+    """Sorted indices of the batch shards (out of data*fsdp) held by this process's devices."""
+    num_shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    indices = batch_sharding(mesh).addressable_devices_indices_map((num_shards,))
+    return sorted({index[0].start or 0 for index in indices.values()})
+
+
+def process_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
+    """The rows of a [global_batch_size, ...] batch that this process must load.
+
+    Processes whose devices are replicas along the batch axes (e.g. a `tensor` axis
+    spanning hosts) get the same rows.
+
+    Raises:
+      ValueError: global_batch_size not divisible by the data*fsdp size of the mesh.
+    """
+    split = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if not isinstance(global_batch_size, int) or global_batch_size < 1 or global_batch_size % split:
+        raise ValueError(
+            f"global_batch_size={global_batch_size!r}: expected a positive multiple of "
+            f"data*fsdp={split} of the mesh {dict(mesh.shape)}"
+        )
+    starts = _local_batch_shards(mesh)
+    rows = global_batch_size // split
+    if starts != list(range(starts[0], starts[0] + len(starts))):
+        raise ValueError(
+            f"this process's devices hold non-contiguous batch shards {starts} of the mesh "
+            f"{dict(mesh.shape)}; put the data axis outermost"
+        )
+    return slice(starts[0] * rows, (starts[-1] + 1) * rows)
+
+
+def make_global_batch(local_array: Any, mesh: Mesh) -> Any:
+    """Assemble a global, batch-sharded `jax.Array` from this process's rows.
+
+    Args:
+      local_array: this process's rows, e.g. [global_batch // num_processes, seq] int32
+        (the rows `process_batch_slice` names), or a pytree of such arrays.
+      mesh: the mesh of `make_mesh`.
+    Returns:
+      The global array(s), [global_batch, ...], sharded by `batch_sharding(mesh)`.
+    Raises:
+      ValueError: this process's row count does not split over its devices' batch shards.
+    """
+    sharding = batch_sharding(mesh)
+    num_local = len(_local_batch_shards(mesh))
+
+    def assemble(x):
+        x = np.asarray(x)
+        if x.ndim == 0 or x.shape[0] % num_local:
+            raise ValueError(
+                f"local_array of shape {x.shape}: expected a leading batch dimension divisible "
+                f"by the {num_local} batch shards on this process's devices"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(assemble, local_array)
