@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -47,6 +48,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("head_dim", None),
     ("layers", None),
 )
+
+# Tensor parallelism splits attention whole heads; any other dimension the mesh does
+# not divide is simply left unsplit.
+_MUST_DIVIDE = frozenset({"heads"})
 
 
 # --------------------------------------------------------------------------- processes
@@ -201,32 +206,38 @@ def _mesh_axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _box_sharding(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules) -> NamedSharding:
-    """NamedSharding of one boxed parameter, after checking its names and sizes."""
+def _box_spec(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules) -> tuple[PartitionSpec, list[str]]:
+    """PartitionSpec of one boxed parameter, and notes on the dimensions left unsplit
+    because the mesh does not divide them."""
     names = tuple(box.names)
-    known = {logical for logical, _ in rules}
     shape = box.value.shape
     if len(names) != len(shape):
         raise ValueError(f"parameter {path}: logical axes {names} do not match its shape {shape}")
+    known = {logical for logical, _ in rules}
     unknown = [n for n in names if n is not None and n not in known]
     if unknown:
         raise ValueError(
             f"parameter {path}: logical axes {unknown} have no rule; known logical axes: {sorted(known)}"
         )
-    spec = nn.logical_to_mesh_axes(names, rules)
-    for logical, size, entry in zip(names, shape, spec):
+    spec, unsplit = [], []
+    for logical, size, entry in zip(names, shape, nn.logical_to_mesh_axes(names, rules)):
         axes = _mesh_axes_of(entry)
         missing = [a for a in axes if a not in mesh.shape]
         if missing:
-            raise ValueError(f"rules map logical axis {logical!r} to {missing}, not axes of the mesh {dict(mesh.shape)}")
-        split = math.prod(mesh.shape[a] for a in axes)
-        if size % split:
             raise ValueError(
-                f"parameter {path}: dimension {logical!r} of size {size} is split over mesh "
-                f"axes {axes} of total size {split}, which does not divide it; choose a mesh "
-                f"whose {'/'.join(axes)} size divides {size}"
+                f"rules map logical axis {logical!r} to {missing}, not axes of the mesh {dict(mesh.shape)}"
             )
-    return NamedSharding(mesh, spec)
+        split = math.prod(mesh.shape[a] for a in axes)
+        if size % split and logical in _MUST_DIVIDE:
+            raise ValueError(
+                f"parameter {path}: {logical} ({size}) is not divisible by the size {split} of "
+                f"mesh axes {axes}; choose a mesh whose {'*'.join(axes)} size divides {size}"
+            )
+        if size % split:
+            unsplit.append(f"{logical}={size} over {'*'.join(axes)}={split}")
+            entry = None
+        spec.append(entry)
+    return PartitionSpec(*spec), unsplit
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
@@ -237,13 +248,14 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any
     Returns the same pytree with every box, and every other leaf, replaced by a
     `NamedSharding`, so it matches the unboxed state: pass it as `out_shardings` of the
     jitted init and as in/out shardings of the train step. Leaves without logical names
-    (step counters, scalars) are replicated.
+    (step counters, scalars) are replicated. A dimension the mesh does not divide
+    (say an odd vocabulary over tensor=2) is left unsplit, with a warning; attention
+    heads must divide, since tensor parallelism splits whole heads.
 
     Raises:
-      ValueError, before any compilation: a logical axis with no rule, or a dimension
-        (e.g. heads) not divisible by the mesh axes it is split over; or no boxes at all
-        while the mesh has fsdp/tensor axes larger than 1 (everything would silently be
-        replicated).
+      ValueError, before any compilation: a logical axis with no rule; heads not
+        divisible by the tensor axis; or no boxes at all while the mesh has fsdp/tensor
+        axes larger than 1 (everything would silently be replicated).
     """
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     leaves = jax.tree_util.tree_leaves(abstract_state, is_leaf=is_box)
@@ -253,14 +265,23 @@ def state_shardings(abstract_state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any
             f"sharded over the mesh {dict(mesh.shape)}; build it with the boxes kept "
             "(do not nn.unbox before jax.eval_shape)"
         )
-    replicated = NamedSharding(mesh, PartitionSpec())
+    all_unsplit: list[str] = []
 
     def sharding(path, leaf):
-        if is_box(leaf):
-            return _box_sharding(jax.tree_util.keystr(path), leaf, mesh, rules)
-        return replicated
+        if not is_box(leaf):
+            return NamedSharding(mesh, PartitionSpec())
+        spec, unsplit = _box_spec(jax.tree_util.keystr(path), leaf, mesh, rules)
+        all_unsplit.extend(unsplit)
+        return NamedSharding(mesh, spec)
 
-    return jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=is_box)
+    shardings = jax.tree_util.tree_map_with_path(sharding, abstract_state, is_leaf=is_box)
+    if all_unsplit:
+        warnings.warn(
+            "these dimensions are not divisible by their mesh axes and stay unsplit "
+            "(replicated): " + ", ".join(dict.fromkeys(all_unsplit)),
+            stacklevel=2,
+        )
+    return shardings
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
