@@ -1,0 +1,192 @@
+"""Fused flash attention in Pallas for GPUs (Triton lowering); interpret mode on CPU.
+
+The dispatcher in `transformer_jax.attention` calls exactly two functions here:
+`supports(...)`, which says whether this kernel can serve a call on the current platform,
+and `attention(...)`, the kernel itself, differentiable through `jax.custom_vjp`.
+
+This file validates and pads; the kernels live beside it: `pallas_fwd.py` (forward and the
+shared tile logits), `pallas_bwd.py` (dK/dV and dQ), `pallas_tuning.py` (tile table).
+Semantics equal `jax.nn.dot_product_attention`'s: query i attends key j iff j <= i when
+causal, i - left <= j <= i + right with a local window, j < kv_len[b], i < q_len[b] and
+the segment ids match; fully masked rows give zeros. With a soft-cap c the scaled logits
+x become c * tanh(x / c) before the softmax. Softmax statistics are float32.
+"""
+from __future__ import annotations
+
+import functools
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.attention.pallas_bwd import backward
+from transformer_jax.attention.pallas_fwd import MaskSpec, forward
+from transformer_jax.attention.pallas_tuning import SUPPORTED_HEAD_DIMS, BlockSizes, default_block_sizes
+
+GPU_DTYPES = (jnp.bfloat16, jnp.float16)
+# float32 is accepted for interpret-mode checks against a float64 reference; on GPU
+# Triton would run its dots in TF32, so auto-selection never picks the kernel for it.
+DTYPES = GPU_DTYPES + (jnp.float32,)
+
+
+def supports(query: jax.Array, key: jax.Array, value: jax.Array, *, bias, mask, dropout_rate: float,
+             logits_soft_cap: float | None) -> str | None:
+    """None if the compiled kernel can serve this call on the default device, else why not.
+
+    Interpret mode (CPU) is never reported as supported: it is for tests, not for speed.
+    The soft-cap is supported; it is in the signature so every implementation is asked alike.
+    """
+    del logits_soft_cap
+    if bias is not None:
+        return "the Pallas kernel takes no dense bias"
+    if mask is not None:
+        return ("the Pallas kernel takes no dense mask; express it with is_causal, segment_ids, "
+                "local_window_size or sequence lengths")
+    if dropout_rate:
+        return f"the Pallas kernel has no attention dropout (dropout_rate={dropout_rate})"
+    device = jax.devices()[0]
+    capability = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or capability is None:
+        return (f"the Pallas kernel needs an NVIDIA GPU (compute capability >= 8.0); the default "
+                f"device is {device.platform!r} (interpret mode there is for tests only)")
+    if float(capability) < 8.0:
+        return f"the Pallas kernel needs compute capability >= 8.0, got {capability}"
+    problem = _shape_problem(query, key, value)
+    if problem:
+        return problem
+    if jnp.dtype(query.dtype) not in GPU_DTYPES:
+        return f"the Pallas kernel on GPU supports bfloat16 and float16 inputs, got {query.dtype}"
+    return None
+
+
+def _shape_problem(query, key, value) -> str | None:
+    """A sentence naming what is wrong with the q/k/v shapes and dtypes, or None."""
+    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
+        return (f"query, key, value must be [batch, seq, heads, head_dim], got shapes "
+                f"{query.shape}, {key.shape}, {value.shape}")
+    if key.shape != value.shape or query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
+        return (f"key and value must have equal shapes, and batch and head_dim equal to the "
+                f"query's: got query {query.shape}, key {key.shape}, value {value.shape}")
+    if query.shape[2] % key.shape[2]:
+        return (f"query heads ({query.shape[2]}) must be a multiple of key/value heads "
+                f"({key.shape[2]})")
+    if query.shape[3] not in SUPPORTED_HEAD_DIMS:
+        return f"the Pallas kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {query.shape[3]}"
+    if not (query.dtype == key.dtype == value.dtype) or jnp.dtype(query.dtype) not in DTYPES:
+        return (f"query, key, value must share one dtype among bfloat16, float16, float32; got "
+                f"{query.dtype}, {key.dtype}, {value.dtype}")
+    return None
+
+
+def attention(
+    query: jax.Array,
+    key: jax.Array,
+    value: jax.Array,
+    *,
+    scale: float,
+    is_causal: bool,
+    query_seq_lengths: jax.Array | None,
+    key_value_seq_lengths: jax.Array | None,
+    segment_ids: tuple[jax.Array, jax.Array] | None,
+    local_window_size: tuple[int, int] | None,
+    logits_soft_cap: float | None,
+    block_sizes: BlockSizes | None,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """Fused attention; differentiable w.r.t. query, key and value.
+
+    Args:
+      query: [batch, q_len, heads, head_dim]; key, value: [batch, kv_len, kv_heads, head_dim],
+        heads a multiple of kv_heads (GQA/MQA), head_dim in SUPPORTED_HEAD_DIMS; one dtype,
+        bfloat16/float16 (float32 too, mainly for interpret mode).
+      scale: multiplies q.k before the soft-cap and softmax.
+      is_causal: key j is visible to query i only if j <= i.
+      query_seq_lengths, key_value_seq_lengths: [batch] ints or None; positions at or past
+        the length are padding.
+      segment_ids: (q_ids [batch, q_len], kv_ids [batch, kv_len]) ints, or None.
+      local_window_size: (left, right) non-negative ints: i - left <= j <= i + right; or None.
+      logits_soft_cap: positive float c (logits -> c * tanh(logits / c)) or None.
+      block_sizes: tiles and launch parameters; None takes pallas_tuning's table entry.
+      interpret: run in Pallas interpret mode; None means on any backend but GPU.
+
+    Returns:
+      [batch, q_len, heads, head_dim] in query's dtype; zeros on fully masked rows.
+    """
+    problem = _shape_problem(query, key, value)
+    if problem:
+        raise ValueError(problem)
+    batch, q_len, _, head_dim = query.shape
+    kv_len = key.shape[1]
+    if not isinstance(scale, numbers.Real):
+        raise TypeError(f"scale={scale!r}: expected a Python float (it is baked into the kernel)")
+    if logits_soft_cap is not None and not (isinstance(logits_soft_cap, numbers.Real) and logits_soft_cap > 0):
+        raise ValueError(f"logits_soft_cap={logits_soft_cap!r}: expected None or a positive float")
+    if local_window_size is not None and not (
+        len(local_window_size) == 2 and all(isinstance(w, numbers.Integral) and w >= 0 for w in local_window_size)
+    ):
+        raise ValueError(f"local_window_size={local_window_size!r}: expected None or (left, right) ints >= 0")
+    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes={block_sizes!r}: expected None or a pallas_tuning.BlockSizes")
+    q_lens = _lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
+    kv_lens = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        q_seg, kv_seg = segment_ids
+        for name, ids, length in (("query", q_seg, q_len), ("key/value", kv_seg, kv_len)):
+            if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
+                raise ValueError(f"{name} segment ids: expected ints of shape {(batch, length)}, "
+                                 f"got {ids.dtype}{list(ids.shape)}")
+
+    left, right = local_window_size if local_window_size is not None else (None, None)
+    if is_causal:
+        right = 0 if right is None else min(right, 0)
+    spec = MaskSpec(scale=float(scale), left=left, right=right,
+                    soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
+                    has_segments=segment_ids is not None)
+    blocks = (block_sizes or default_block_sizes(head_dim)).clamped(q_len, kv_len)
+    interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+    # Pad both sequences to a multiple of every tile that walks them; the lengths mask the rest.
+    q_pad = -q_len % max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
+    kv_pad = -kv_len % max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+    q, k, v = pad_seq(query, q_pad), pad_seq(key, kv_pad), pad_seq(value, kv_pad)
+    if q_seg is not None:
+        q_seg, kv_seg = pad_seq(q_seg.astype(jnp.int32), q_pad), pad_seq(kv_seg.astype(jnp.int32), kv_pad)
+    out = _flash(spec, blocks, interpret, q, k, v, q_lens, kv_lens, q_seg, kv_seg)
+    return out[:, :q_len]
+
+
+def pad_seq(x: jax.Array, n: int) -> jax.Array:
+    """Appends n zero positions to axis 1 (the sequence axis)."""
+    return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+
+
+def _lengths(name: str, lengths, batch: int, full: int) -> jax.Array:
+    """[batch] int32 lengths clipped to [0, full]; `full` everywhere when None."""
+    if lengths is None:
+        return jnp.full((batch,), full, jnp.int32)
+    if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
+        raise ValueError(f"{name}: expected ints of shape ({batch},), got {jnp.result_type(lengths)}"
+                         f"{list(jnp.shape(lengths))}")
+    return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, full)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _flash(spec, blocks, interpret, q, k, v, q_lens, kv_lens, q_seg, kv_seg):
+    out, _ = forward(q, k, v, q_lens, kv_lens, q_seg, kv_seg, spec=spec, blocks=blocks, interpret=interpret)
+    return out
+
+
+def _flash_fwd(spec, blocks, interpret, q, k, v, q_lens, kv_lens, q_seg, kv_seg):
+    out, lse = forward(q, k, v, q_lens, kv_lens, q_seg, kv_seg, spec=spec, blocks=blocks, interpret=interpret)
+    return out, (q, k, v, out, lse, q_lens, kv_lens, q_seg, kv_seg)
+
+
+def _flash_bwd(spec, blocks, interpret, residuals, d_out):
+    q, k, v, out, lse, q_lens, kv_lens, q_seg, kv_seg = residuals
+    dq, dk, dv = backward(q, k, v, out, lse, d_out, q_lens, kv_lens, q_seg, kv_seg,
+                          spec=spec, blocks=blocks, interpret=interpret)
+    return dq, dk, dv, None, None, None, None  # lengths and segment ids are not differentiable
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
