@@ -1,0 +1,29 @@
+"""Text generation: greedy decoding, sampling and beam search over a step function.
+
+Modules, one decoding idea each:
+  interface.py   the step-function contract and `GenerateOutput`
+  processors.py  temperature, top-k, top-p on logits
+  loop.py        greedy / sampled decoding loop with early stop at EOS
+  beam.py        beam search with length penalty
+"""
+from transformer_jax.generation.beam import beam_search
+from transformer_jax.generation.interface import GenerateOutput
+from transformer_jax.generation.loop import decode, greedy_select, sampling_select
+from transformer_jax.generation.processors import (
+    apply_temperature,
+    process_logits,
+    top_k_filter,
+    top_p_filter,
+)
+
+__all__ = [
+    "GenerateOutput",
+    "apply_temperature",
+    "beam_search",
+    "decode",
+    "greedy_select",
+    "process_logits",
+    "sampling_select",
+    "top_k_filter",
+    "top_p_filter",
+]
