@@ -1,0 +1,233 @@
+"""Model configuration: one frozen dataclass, named presets, parameter and FLOP counts.
+
+`ModelConfig` validates itself in `__post_init__`, so a bad value fails at construction
+and `dataclasses.replace(cfg, ...)` re-validates. Presets come from `get_config(name,
+**overrides)`; `list_presets()` names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ACTIVATIONS = ("relu", "gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = (None, "reference", "blockwise", "xla", "cudnn", "pallas")
+# Names of jax.checkpoint_policies (plus "none": no remat, "full": save nothing).
+REMAT_POLICIES = (
+    "none",
+    "full",
+    "dots",
+    "dots_with_no_batch_dims",
+    "everything_saveable",
+)
+MODEL_KINDS = ("decoder_lm", "encoder", "masked_lm", "encoder_decoder")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Hyper-parameters of every model in `transformer_jax.models`.
+
+    Sizes: `d_model` is split into `num_heads` heads of `d_model // num_heads`;
+    `num_kv_heads` (None = `num_heads`) key/value heads give grouped-query attention.
+    `num_layers` is the depth of a DecoderLM or Encoder, and of the encoder of an
+    EncoderDecoder, whose decoder has `num_decoder_layers` (None = `num_layers`).
+    `max_len` bounds the learned position table; sinusoidal and rotary positions
+    have no table, `max_len` is then only the default cache/context length.
+
+    `dtype` is the compute dtype; parameters are always float32, and logits float32.
+    `attention_impl` picks the `transformer_jax.attention` implementation (None = auto).
+    `scan_layers` runs the stack under `nn.scan` (params get a leading "layers" axis);
+    `remat_policy` rematerialises each block: "none", "full" or a
+    `jax.checkpoint_policies` name from REMAT_POLICIES.
+    `scale_embeddings` multiplies token embeddings by sqrt(d_model) (original transformer).
+    """
+
+    vocab_size: int
+    max_len: int
+    d_model: int
+    num_heads: int
+    num_layers: int
+    d_ff: int
+    num_kv_heads: int | None = None
+    num_decoder_layers: int | None = None
+    activation: str = "gelu"
+    norm: str = "layernorm"
+    norm_position: str = "pre"
+    pos_encoding: str = "learned"
+    rope_base: float = 10000.0
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    attention_impl: str | None = None
+    dtype: str = "float32"
+    scan_layers: bool = False
+    remat_policy: str = "none"
+    layer_norm_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "max_len", "d_model", "num_heads", "num_layers", "d_ff"):
+            _check_positive_int(name, getattr(self, name))
+        for name in ("num_kv_heads", "num_decoder_layers"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        if self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} must be divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"num_kv_heads={self.num_kv_heads} must divide num_heads={self.num_heads}"
+            )
+        if self.pos_encoding == "rotary" and self.head_dim % 2:
+            raise ValueError(f"pos_encoding='rotary' needs an even head_dim, got {self.head_dim}")
+        if self.pos_encoding == "sinusoidal" and self.d_model % 2:
+            raise ValueError(f"pos_encoding='sinusoidal' needs an even d_model, got {self.d_model}")
+        for name, choices in (
+            ("activation", ACTIVATIONS),
+            ("norm", NORMS),
+            ("norm_position", NORM_POSITIONS),
+            ("pos_encoding", POS_ENCODINGS),
+            ("dtype", DTYPES),
+            ("attention_impl", ATTENTION_IMPLS),
+            ("remat_policy", REMAT_POLICIES),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            rate = getattr(self, name)
+            if not isinstance(rate, (int, float)) or isinstance(rate, bool) or not 0 <= rate < 1:
+                raise ValueError(f"{name}={rate!r} must be a number in [0, 1)")
+        for name in ("layer_norm_eps", "rope_base"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name}={value!r} must be a positive number")
+        for name in ("use_bias", "tie_embeddings", "scale_embeddings", "scan_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Number of key/value heads (`num_kv_heads`, or `num_heads` when None)."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def decoder_layers(self) -> int:
+        """Depth of an EncoderDecoder's decoder."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-safe dict of all fields (inverse of `from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build (and validate) a config from `to_dict()` output; unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**d)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+_PRESETS: dict[str, dict[str, Any]] = {
+    # For tests: every code path at toy size (GQA, rotary and swiglu are overrides).
+    "tiny": dict(vocab_size=61, max_len=16, d_model=32, num_heads=4, num_layers=2, d_ff=64),
+    # nanoGPT's Shakespeare character model; set vocab_size to the tokenizer's size.
+    "char-small": dict(
+        vocab_size=256, max_len=256, d_model=384, num_heads=6, num_layers=6, d_ff=1536,
+        dropout_rate=0.2,
+    ),
+    # GPT-2 124M (dropout 0, as nanoGPT trains it; the original used 0.1).
+    "gpt2-small": dict(
+        vocab_size=50257, max_len=1024, d_model=768, num_heads=12, num_layers=12, d_ff=3072,
+    ),
+    "gpt2-medium": dict(
+        vocab_size=50257, max_len=1024, d_model=1024, num_heads=16, num_layers=24, d_ff=4096,
+    ),
+    # BERT-base sizes, post-norm; no token-type embeddings or embedding LayerNorm.
+    "bert-base": dict(
+        vocab_size=30522, max_len=512, d_model=768, num_heads=12, num_layers=12, d_ff=3072,
+        norm_position="post", dropout_rate=0.1, attention_dropout_rate=0.1,
+        layer_norm_eps=1e-12,
+    ),
+    # "Attention is all you need", base model: shared source/target vocabulary.
+    "transformer-base": dict(
+        vocab_size=37000, max_len=512, d_model=512, num_heads=8, num_layers=6,
+        num_decoder_layers=6, d_ff=2048, activation="relu", norm_position="post",
+        pos_encoding="sinusoidal", scale_embeddings=True, dropout_rate=0.1, layer_norm_eps=1e-6,
+    ),
+}
+
+
+def list_presets() -> list[str]:
+    """Names accepted by `get_config`."""
+    return list(_PRESETS)
+
+
+def get_config(name: str, **overrides: Any) -> ModelConfig:
+    """The preset `name` with fields replaced by `overrides` (validated as a whole)."""
+    if name not in _PRESETS:
+        raise ValueError(f"name={name!r} is not a preset; expected one of {list_presets()}")
+    return ModelConfig(**{**_PRESETS[name], **overrides})
+
+
+def count_params(cfg: ModelConfig, model: str = "decoder_lm") -> int:
+    """Exact number of parameters of `model` built from `cfg` (no memory is allocated).
+
+    `model` is one of MODEL_KINDS. Tied embeddings count once.
+    """
+    from transformer_jax import models  # models import this module
+
+    if model not in MODEL_KINDS:
+        raise ValueError(f"model={model!r} is not one of {MODEL_KINDS}")
+    class_name = {
+        "decoder_lm": "DecoderLM",
+        "encoder": "Encoder",
+        "masked_lm": "MaskedLM",
+        "encoder_decoder": "EncoderDecoder",
+    }[model]
+    module = getattr(models, class_name)(cfg)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    args = (tokens, tokens) if model == "encoder_decoder" else (tokens,)
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token of a DecoderLM (forward + backward), for MFU.
+
+        6 * (N + vocab_size * d_model) + 12 * num_layers * d_model * seq_len
+
+    N = parameters excluding the token embedding, the learned position table and an
+    untied lm head (those are lookups or counted once as the read-out matmul); the
+    second term is the attention score and value matmuls (PaLM appendix B).
+    """
+    _check_positive_int("seq_len", seq_len)
+    total = count_params(cfg, "decoder_lm")
+    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
+    if cfg.pos_encoding == "learned":
+        embeddings += cfg.max_len * cfg.d_model
+    non_embedding = total - embeddings
+    return 6 * (non_embedding + cfg.vocab_size * cfg.d_model) + 12 * cfg.num_layers * cfg.d_model * seq_len

@@ -1,0 +1,27 @@
+"""Transformer building blocks (Flax Linen): embeddings, positions, attention, MLP, norms, blocks."""
+from transformer_jax.layers.attention import MultiHeadAttention, write_cache
+from transformer_jax.layers.blocks import Block, BlockStack
+from transformer_jax.layers.embeddings import Embedder, TokenEmbedding
+from transformer_jax.layers.feedforward import FeedForward
+from transformer_jax.layers.norms import make_norm
+from transformer_jax.layers.positional import (
+    LearnedPositions,
+    apply_rotary,
+    segment_positions,
+    sinusoidal_encoding,
+)
+
+__all__ = [
+    "Block",
+    "BlockStack",
+    "Embedder",
+    "FeedForward",
+    "LearnedPositions",
+    "MultiHeadAttention",
+    "TokenEmbedding",
+    "apply_rotary",
+    "make_norm",
+    "segment_positions",
+    "sinusoidal_encoding",
+    "write_cache",
+]

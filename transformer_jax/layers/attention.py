@@ -1,0 +1,122 @@
+"""Multi-head attention (self or cross, GQA) with a KV cache for decoding.
+
+The score/softmax/value core is `transformer_jax.attention.dot_product_attention`,
+with `implementation=cfg.attention_impl`; this module adds the projections, rotary
+positions, dropout and the cache.
+
+KV cache (self-attention with `decode=True`): the "cache" collection holds
+`cached_key` and `cached_value`, `[batch, cache_len, kv_heads, head_dim]` in cfg.dtype,
+created (zero) by the first call, whose input length sets `cache_len` (see
+`transformer_jax.models.init_cache`). The model passes each token's absolute position
+`positions [b, t]` (row i starts at that row's cache position) and `valid [b, t]`
+(False for the right-padding of a row in this call); a call writes the valid keys and
+values at their positions and lets query j of row i attend to cache slots
+<= positions[i, j]. Slots past a row's position may hold stale values from padding;
+they are never attended and are overwritten before they are.
+Cross-attention is not cached: its keys and values are projected from `inputs_kv`.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.attention import dot_product_attention
+from transformer_jax.config import ModelConfig
+from transformer_jax.layers import initializers as init
+from transformer_jax.layers.positional import apply_rotary
+
+
+def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:
+    """Scatter `new[i, j]` into `cache[i, positions[i, j]]` where `valid[i, j]`.
+
+    cache: [b, L, ...]; new: [b, t, ...]; positions: int [b, t]; valid: bool [b, t].
+    Invalid entries and positions >= L are dropped (never clamped onto valid slots).
+    """
+    slots = jnp.where(valid, positions, cache.shape[1])
+    rows = jnp.arange(cache.shape[0])[:, None]
+    return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention (`inputs_kv=None`) or cross-attention, `[b, t, d_model] -> [b, t, d_model]`.
+
+    Attributes:
+      cfg: the model config (heads, kv heads, bias, dtype, implementation, dropout).
+      causal: mask future positions (self-attention only).
+      out_std: init std of the output projection (scaled for residual stacks).
+    """
+
+    cfg: ModelConfig
+    causal: bool = False
+    out_std: float = init.INIT_STD
+
+    @nn.compact
+    def __call__(
+        self,
+        inputs_q: jax.Array,
+        inputs_kv: jax.Array | None = None,
+        *,
+        mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        valid: jax.Array | None = None,
+        deterministic: bool = True,
+        decode: bool = False,
+    ) -> jax.Array:
+        """Attend from `inputs_q` [b, t, d_model] to `inputs_kv` [b, s, d_model] (or itself).
+
+        mask: bool, broadcastable to [b, heads, t, s], True = attend (padding masks).
+        positions: int [b, t], for rotary encodings and the cache (self-attention).
+        segment_ids: int [b, t], packed sequences attend within their segment.
+        valid: bool [b, t], which tokens a decode call writes into the cache.
+        """
+        cfg = self.cfg
+        is_self = inputs_kv is None
+        kv_in = inputs_q if is_self else inputs_kv
+
+        def project(heads: int, axes: tuple[str, str, str], name: str, x: jax.Array) -> jax.Array:
+            return nn.DenseGeneral(
+                (heads, cfg.head_dim), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                kernel_init=init.normal(axes), bias_init=init.zeros(axes[1:]), name=name,
+            )(x)
+
+        q = project(cfg.num_heads, ("embed", "heads", "head_dim"), "query", inputs_q)
+        k = project(cfg.kv_heads, ("embed", "kv_heads", "head_dim"), "key", kv_in)
+        v = project(cfg.kv_heads, ("embed", "kv_heads", "head_dim"), "value", kv_in)
+        if is_self and cfg.pos_encoding == "rotary":
+            q = apply_rotary(q, positions, cfg.rope_base)
+            k = apply_rotary(k, positions, cfg.rope_base)
+
+        is_causal = self.causal and is_self
+        if decode and is_self:
+            k, v, mask = self._update_cache(k, v, positions, valid)
+            is_causal, segment_ids = False, None  # the cache mask is causal in positions
+
+        dropout_rng = None
+        if not deterministic and cfg.attention_dropout_rate > 0:
+            dropout_rng = self.make_rng("dropout")
+        out = dot_product_attention(
+            q, k, v, mask=mask, is_causal=is_causal,
+            segment_ids=segment_ids if is_self else None,
+            implementation=cfg.attention_impl, dropout_rng=dropout_rng,
+            dropout_rate=cfg.attention_dropout_rate, deterministic=deterministic,
+        )
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
+        return nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+            kernel_init=init.normal(("heads", "head_dim", "embed"), self.out_std),
+            bias_init=init.zeros(("embed",)), name="out",
+        )(out)
+
+    def _update_cache(
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Write this call's keys/values; return the whole cache and its causal mask."""
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+        cached_key.value = write_cache(cached_key.value, k, positions, valid)
+        cached_value.value = write_cache(cached_value.value, v, positions, valid)
+        slots = jnp.arange(cached_key.value.shape[1])
+        mask = slots[None, None, :] <= positions[:, :, None]  # [b, t, cache_len]
+        return cached_key.value, cached_value.value, mask[:, None]

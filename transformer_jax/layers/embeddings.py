@@ -1,0 +1,71 @@
+"""Token embedding with a tied read-out, and the model input embedder."""
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.layers import initializers as init
+from transformer_jax.layers.positional import LearnedPositions, sinusoidal_encoding
+
+
+class TokenEmbedding(nn.Module):
+    """Embedding table `[vocab_size, features]` (logical axes vocab, embed).
+
+    `__call__(tokens int [...]) -> [..., features]` in `dtype`; ids outside
+    [0, vocab_size) are clamped by `jnp.take` (validate with `models.check_tokens`).
+    `attend(h [..., features]) -> float32 [..., vocab_size]` is the tied read-out h·Eᵀ,
+    multiplied in h.dtype with float32 accumulation.
+    """
+
+    vocab_size: int
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", init.normal(("vocab", "embed")), (self.vocab_size, self.features), jnp.float32
+        )
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding, tokens, axis=0, mode="clip").astype(self.dtype)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        table = self.embedding.astype(h.dtype)
+        return jnp.einsum("...d,vd->...v", h, table, preferred_element_type=jnp.float32)
+
+
+class Embedder(nn.Module):
+    """Token + positional embedding, then dropout: `[b, t] -> [b, t, d_model]` (cfg.dtype).
+
+    Positions (int [b, t]) are given by the model (they depend on packing and the KV
+    cache). Rotary models add nothing here: their positions act inside attention.
+    """
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.token = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.compute_dtype)
+        if cfg.pos_encoding == "learned":
+            self.position = LearnedPositions(cfg.max_len, cfg.d_model, cfg.compute_dtype)
+        self.dropout = nn.Dropout(cfg.dropout_rate)
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        cfg = self.cfg
+        x = self.token(tokens)
+        if cfg.scale_embeddings:
+            x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
+        if cfg.pos_encoding == "learned":
+            x = x + self.position(positions)
+        elif cfg.pos_encoding == "sinusoidal":
+            x = x + sinusoidal_encoding(positions, cfg.d_model).astype(x.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return self.dropout(x, deterministic=deterministic)
+
+    def attend(self, h: jax.Array) -> jax.Array:
+        """Tied read-out: float32 logits [..., vocab_size]."""
+        return self.token.attend(h)

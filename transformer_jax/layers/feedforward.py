@@ -1,0 +1,42 @@
+"""Position-wise feed-forward network: ReLU, GELU or SwiGLU."""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.config import ModelConfig
+from transformer_jax.layers import initializers as init
+
+
+class FeedForward(nn.Module):
+    """`[batch, length, d_model] -> [batch, length, d_model]` in `cfg.dtype`.
+
+    relu/gelu: act(x W1 + b1) W2 + b2. swiglu: (silu(x Wg) * (x W1)) W2 (Shazeer 2020).
+    GELU is the tanh approximation, as in GPT-2 and BERT.
+    `out_std` is the init std of the output (residual) projection.
+    """
+
+    cfg: ModelConfig
+    out_std: float = init.INIT_STD
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+
+        def dense(features: int, axes: tuple[str, str], std: float, name: str) -> nn.Dense:
+            return nn.Dense(
+                features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                kernel_init=init.normal(axes, std), bias_init=init.zeros(axes[1:]), name=name,
+            )
+
+        hidden = dense(cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wi")(x)
+        if cfg.activation == "swiglu":
+            gate = dense(cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wg")(x)
+            hidden = nn.silu(gate) * hidden
+        elif cfg.activation == "gelu":
+            hidden = nn.gelu(hidden, approximate=True)
+        else:
+            hidden = nn.relu(hidden)
+        hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+        return dense(cfg.d_model, ("mlp", "embed"), self.out_std, "wo")(hidden)
