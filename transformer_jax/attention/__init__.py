@@ -13,7 +13,7 @@ from typing import Any
 
 import jax
 
-from transformer_jax.attention import batching, dispatch, jax_nn, reference
+from transformer_jax.attention import batching, blockwise, dispatch, jax_nn, reference
 from transformer_jax.attention.arguments import Operands, Options, normalise
 from transformer_jax.attention.dispatch import Selection
 
@@ -132,9 +132,12 @@ def _run(implementation: str, ops: Operands, opts: Options) -> jax.Array:
             block_sizes=opts.block_sizes,
         )
     per_head = partial(
-        reference.attend, scale=opts.scale, is_causal=opts.is_causal, window=opts.window,
+        reference.attend if implementation == "reference" else blockwise.attend,
+        scale=opts.scale, is_causal=opts.is_causal, window=opts.window,
         logits_soft_cap=opts.logits_soft_cap, dropout_rate=opts.dropout_rate, precision=opts.precision,
     )
+    if implementation == "blockwise":
+        per_head = partial(per_head, block_sizes=opts.block_sizes)
     return batching.lift(per_head, *ops[:6], _dropout_seeds(ops, opts))
 
 

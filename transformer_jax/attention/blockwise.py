@@ -1,0 +1,226 @@
+"""Memory-efficient attention: online softmax over key blocks (FlashAttention-2 style).
+
+For each query block the forward pass walks the key blocks it can see, keeping a running
+row max `m`, running sum `l` and a rescaled float32 accumulator, so the q_len x kv_len
+score matrix is never built. The backward pass (a `jax.custom_vjp`) keeps only the
+output and the per-row log-sum-exp and recomputes each block's scores, so forward plus
+backward memory is O((q_len + kv_len) * head_dim), not O(q_len * kv_len).
+
+Blocks that causal or local-window masking hides completely are skipped, by giving each
+loop the block range [lo, hi) that can contribute (`masks.key_block_range`). Other masks
+are evaluated per block; a dense bias or mask is sliced per block.
+
+Written for one sequence and one head, like `reference.attend`; `batching.lift` maps it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from transformer_jax.attention import masks
+
+DEFAULT_BLOCK_SIZES = (512, 512)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one call (hashable: a custom_vjp non-differentiable arg)."""
+
+    scale: float
+    is_causal: bool
+    window: tuple[int, int] | None
+    logits_soft_cap: float | None
+    dropout_rate: float
+    block_q: int
+    block_k: int
+    kv_len: int  # unpadded; keys at or beyond it are padding
+    precision: Any
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array | None,
+    mask: jax.Array | None,
+    seq: masks.SequenceInfo,
+    seed: jax.Array | None,
+    *,
+    scale: float,
+    is_causal: bool,
+    window: tuple[int, int] | None,
+    logits_soft_cap: float | None,
+    dropout_rate: float,
+    block_sizes: tuple[int, int] | None = None,
+    precision=None,
+) -> jax.Array:
+    """Blockwise attention of one head of one sequence; same contract as `reference.attend`.
+
+    Args:
+      q: [T, d]; k, v: [S, d]. bias (float) / mask (bool): broadcastable to [T, S] or None.
+      seq: lengths and full-length segment ids of this sequence. seed: uint32 [2] or None.
+      block_sizes: (block_q, block_k), clipped to the sequence lengths; default 512.
+    Returns:
+      [T, d] in q's dtype.
+    """
+    t, s = q.shape[0], k.shape[0]
+    block_q, block_k = block_sizes or DEFAULT_BLOCK_SIZES
+    block_q, block_k = min(block_q, t), min(block_k, s)
+    t_pad, s_pad = -t % block_q, -s % block_k
+
+    def pad(x, rows, cols=0):
+        return None if x is None else jnp.pad(x, [(0, rows), (0, cols)][: x.ndim])
+
+    # Dense operands are broadcast to [T, S] so blocks can be sliced from them.
+    bias = None if bias is None else pad(jnp.broadcast_to(bias, (t, s)), t_pad, s_pad)
+    mask = None if mask is None else pad(jnp.broadcast_to(mask, (t, s)), t_pad, s_pad)
+    seq = seq._replace(q_ids=pad(seq.q_ids, t_pad), kv_ids=pad(seq.kv_ids, s_pad))
+    config = _Config(scale, is_causal, window, logits_soft_cap, dropout_rate, block_q, block_k, s, precision)
+    out = _attention(config, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias, mask, seq, seed)
+    return out[:t]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(config, q, k, v, bias, mask, seq, seed):
+    return _forward(config, q, k, v, bias, mask, seq, seed)[0]
+
+
+def _scores(config: _Config, q_blk, k_blk, bias, mask, seq, qi, kj):
+    """Masked float32 logits of block (qi, kj), and tanh(logits / cap) for the backward."""
+    bq, bk = config.block_q, config.block_k
+    q0, k0 = qi * bq, kj * bk
+    s = jnp.einsum("qd,kd->qk", q_blk, k_blk, precision=config.precision, preferred_element_type=jnp.float32)
+    s = s * config.scale
+    tanh = None
+    if config.logits_soft_cap is not None:
+        tanh = jnp.tanh(s / config.logits_soft_cap)
+        s = config.logits_soft_cap * tanh
+    if bias is not None:
+        s = s + jax.lax.dynamic_slice(bias, (q0, k0), (bq, bk)).astype(jnp.float32)
+    if seq.q_ids is not None:
+        seq = seq._replace(
+            q_ids=jax.lax.dynamic_slice_in_dim(seq.q_ids, q0, bq),
+            kv_ids=jax.lax.dynamic_slice_in_dim(seq.kv_ids, k0, bk),
+        )
+    dense = None if mask is None else jax.lax.dynamic_slice(mask, (q0, k0), (bq, bk))
+    keep = masks.allowed(
+        q0 + jnp.arange(bq), k0 + jnp.arange(bk), seq, dense,
+        is_causal=config.is_causal, window=config.window,
+        kv_total=config.kv_len if config.kv_len % bk else None,
+    )
+    if keep is not None:
+        s = jnp.where(keep, s, -jnp.inf)
+    return s, tanh
+
+
+def _dropout(config: _Config, seed, qi, kj):
+    """This block's keep-mask: a function of absolute positions only (see masks.dropout_keep)."""
+    q_pos = qi * config.block_q + jnp.arange(config.block_q)
+    k_pos = kj * config.block_k + jnp.arange(config.block_k)
+    return masks.dropout_keep(seed, q_pos, k_pos, config.dropout_rate)
+
+
+def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
+    bq, bk = config.block_q, config.block_k
+    num_q, num_k = q.shape[0] // bq, k.shape[0] // bk
+
+    def query_block(qi):
+        q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq)
+
+        def key_step(kj, carry):
+            row_max, row_sum, acc = carry
+            k_blk = jax.lax.dynamic_slice_in_dim(k, kj * bk, bk)
+            v_blk = jax.lax.dynamic_slice_in_dim(v, kj * bk, bk)
+            s, _ = _scores(config, q_blk, k_blk, bias, mask, seq, qi, kj)
+            new_max = jnp.maximum(row_max, s.max(axis=-1))
+            # Rows with nothing seen yet have max -inf: shift by 0 so exp() gives 0, not NaN.
+            shift = jnp.where(jnp.isneginf(new_max), 0.0, new_max)
+            p = jnp.exp(s - shift[:, None])
+            rescale = jnp.exp(row_max - shift)
+            row_sum = rescale * row_sum + p.sum(axis=-1)
+            if seed is not None:
+                p = jnp.where(_dropout(config, seed, qi, kj), p / (1.0 - config.dropout_rate), 0.0)
+            pv = jnp.einsum(
+                "qk,kd->qd", p.astype(v.dtype), v_blk,
+                precision=config.precision, preferred_element_type=jnp.float32,
+            )
+            return new_max, row_sum, rescale[:, None] * acc + pv
+
+        lo, hi = masks.key_block_range(
+            qi, bq, bk, num_k, is_causal=config.is_causal, window=config.window
+        )
+        init = (jnp.full((bq,), -jnp.inf), jnp.zeros((bq,)), jnp.zeros((bq, v.shape[1])))
+        row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, key_step, init)
+        empty = row_sum == 0.0  # nothing to attend to: output 0
+        out = acc / jnp.where(empty, 1.0, row_sum)[:, None]
+        lse = jnp.where(empty, 0.0, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+        return out.astype(q.dtype), lse
+
+    out, lse = jax.lax.map(query_block, jnp.arange(num_q))
+    out, lse = out.reshape(q.shape[0], v.shape[1]), lse.reshape(q.shape[0])
+    return out, (q, k, v, bias, mask, seq, seed, out, lse)
+
+
+def _backward(config: _Config, residuals, d_out):
+    q, k, v, bias, mask, seq, seed, out, lse = residuals
+    bq, bk = config.block_q, config.block_k
+    num_q, num_k = q.shape[0] // bq, k.shape[0] // bk
+    # D_i = dO_i . O_i: the row term of the softmax Jacobian (FlashAttention-2, eq. for dS).
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def key_block(carry, kj):
+        k_blk = jax.lax.dynamic_slice_in_dim(k, kj * bk, bk)
+        v_blk = jax.lax.dynamic_slice_in_dim(v, kj * bk, bk)
+
+        def query_step(qi, inner):
+            dk, dv, dq, d_bias = inner
+            rows = lambda x: jax.lax.dynamic_slice_in_dim(x, qi * bq, bq)  # noqa: E731
+            q_blk, do_blk = rows(q), rows(d_out)
+            s, tanh = _scores(config, q_blk, k_blk, bias, mask, seq, qi, kj)
+            p = jnp.exp(s - rows(lse)[:, None])
+            dp = jnp.einsum("qd,kd->qk", do_blk, v_blk, precision=config.precision, preferred_element_type=jnp.float32)
+            p_used = p
+            if seed is not None:
+                keep = _dropout(config, seed, qi, kj)
+                p_used = jnp.where(keep, p / (1.0 - config.dropout_rate), 0.0)
+                dp = jnp.where(keep, dp / (1.0 - config.dropout_rate), 0.0)
+            dv = dv + jnp.einsum(
+                "qk,qd->kd", p_used.astype(do_blk.dtype), do_blk,
+                precision=config.precision, preferred_element_type=jnp.float32,
+            )
+            ds = p * (dp - rows(delta)[:, None])  # gradient w.r.t. the biased logits
+            if d_bias is not None:
+                d_bias = jax.lax.dynamic_update_slice(d_bias, ds, (qi * bq, kj * bk))
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
+            ds = ds * config.scale
+            dk = dk + jnp.einsum(
+                "qk,qd->kd", ds.astype(q.dtype), q_blk, precision=config.precision, preferred_element_type=jnp.float32
+            )
+            dq_blk = rows(dq) + jnp.einsum(
+                "qk,kd->qd", ds.astype(k.dtype), k_blk, precision=config.precision, preferred_element_type=jnp.float32
+            )
+            dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, qi * bq, axis=0)
+            return dk, dv, dq, d_bias
+
+        lo, hi = masks.query_block_range(
+            kj, bq, bk, num_q, is_causal=config.is_causal, window=config.window
+        )
+        dq, d_bias = carry
+        zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
+        dk, dv, dq, d_bias = jax.lax.fori_loop(lo, hi, query_step, (zeros, zeros, dq, d_bias))
+        return (dq, d_bias), (dk, dv)
+
+    d_bias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
+    init = (jnp.zeros(q.shape, jnp.float32), d_bias)
+    (dq, d_bias), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(num_k))
+    dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
+    d_bias = None if bias is None else d_bias.astype(bias.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None
+
+
+_attention.defvjp(_forward, _backward)
