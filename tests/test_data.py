@@ -194,6 +194,9 @@ def test_global_batch_is_independent_of_process_count(kind):
         for j, array in enumerate(whole):
             assert parts[0][j].shape[0] == 8 // count
             np.testing.assert_array_equal(np.concatenate([p[j] for p in parts]), array)
+    middle = make(seed=seed, step=3, batch_size=8, rows=slice(2, 6))  # e.g. a replica group
+    for j, array in enumerate(whole):
+        np.testing.assert_array_equal(middle[j], array[2:6])
     np.testing.assert_array_equal(whole[0], make(seed=seed, step=3, batch_size=8)[0])
 
 
@@ -212,6 +215,11 @@ def test_batch_arguments_are_validated():
         get_batch(tokens, seed=-1, step=0, batch_size=2, seq_len=4)
     with pytest.raises(ValueError, match="seq_len must be a positive int"):
         get_batch(tokens, seed=0, step=0, batch_size=2, seq_len=0)
+    with pytest.raises(ValueError, match="rows must be a non-empty slice within \\[0, 4\\)"):
+        get_batch(tokens, seed=0, step=0, batch_size=4, seq_len=4, rows=slice(2, 6))
+    with pytest.raises(ValueError, match="tgt_len must be a positive int"):
+        make_seq2seq_batch(_seq2seq_pairs()[0], seed=0, step=0, batch_size=2, src_len=4,
+                           tgt_len=0, pad_id=26, bos_id=27, eos_id=28)
 
 
 # ---------------------------------------------------------------- masked LM

@@ -114,7 +114,7 @@ def split_examples(examples: Sequence, val_fraction: float = 0.1) -> tuple[list,
 
 def make_seq2seq_batch(pairs: Sequence[Pair], *, seed: int, step: int, batch_size: int,
                        src_len: int, tgt_len: int, pad_id: int, bos_id: int, eos_id: int,
-                       process_index: int = 0, process_count: int = 1
+                       process_index: int = 0, process_count: int = 1, rows: slice | None = None
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A padded batch of random pairs, determined by ``(seed, step)``.
 
@@ -125,10 +125,12 @@ def make_seq2seq_batch(pairs: Sequence[Pair], *, seed: int, step: int, batch_siz
     ``src_mask`` bool ``[b, src_len]`` and ``tgt_mask`` bool ``[b, tgt_len]``, True on
     real tokens; padding holds ``pad_id``.
     """
-    chosen = _choose(pairs, seed, step, batch_size, process_index, process_count)
-    src, src_mask = _pad([s for s, _ in chosen], src_len, pad_id)
-    tgt_in, tgt_mask = _pad([np.concatenate([[bos_id], t]) for _, t in chosen], tgt_len, pad_id)
-    tgt_out, _ = _pad([np.concatenate([t, [eos_id]]) for _, t in chosen], tgt_len, pad_id)
+    chosen = _choose(pairs, seed, step, batch_size,
+                     local_rows(batch_size, process_index, process_count, rows))
+    src, src_mask = _pad([s for s, _ in chosen], src_len, pad_id, "src_len")
+    tgt_in, tgt_mask = _pad([np.concatenate([[bos_id], t]) for _, t in chosen], tgt_len, pad_id,
+                            "tgt_len")
+    tgt_out, _ = _pad([np.concatenate([t, [eos_id]]) for _, t in chosen], tgt_len, pad_id, "tgt_len")
     return src, tgt_in, tgt_out, src_mask, tgt_mask
 
 
@@ -138,33 +140,33 @@ def seq2seq_lengths(pairs: Sequence[Pair]) -> tuple[int, int]:
 
 
 def make_classify_batch(examples: Sequence[Labelled], *, seed: int, step: int, batch_size: int,
-                        seq_len: int, pad_id: int, process_index: int = 0, process_count: int = 1
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        seq_len: int, pad_id: int, process_index: int = 0, process_count: int = 1,
+                        rows: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A padded batch of random labelled examples, determined by ``(seed, step)``.
 
     Texts longer than ``seq_len`` are cut. Returns this process's rows (see
     ``get_batch``): ``tokens`` int32 ``[b, seq_len]``, ``padding_mask`` bool
     ``[b, seq_len]`` (True on real tokens) and ``labels`` int32 ``[b]``.
     """
-    chosen = _choose(examples, seed, step, batch_size, process_index, process_count)
-    tokens, padding_mask = _pad([ids for ids, _ in chosen], seq_len, pad_id)
+    chosen = _choose(examples, seed, step, batch_size,
+                     local_rows(batch_size, process_index, process_count, rows))
+    tokens, padding_mask = _pad([ids for ids, _ in chosen], seq_len, pad_id, "seq_len")
     return tokens, padding_mask, np.array([label for _, label in chosen], dtype=np.int32)
 
 
-def _choose(examples: Sequence, seed: int, step: int, batch_size: int, process_index: int,
-            process_count: int) -> list:
-    """This process's share of a global batch drawn uniformly with replacement."""
+def _choose(examples: Sequence, seed: int, step: int, batch_size: int, rows: slice) -> list:
+    """``rows`` of a global batch drawn uniformly with replacement from ``examples``."""
     if len(examples) == 0:
         raise ValueError("examples must not be empty")
-    rows = local_rows(batch_size, process_index, process_count)
     picks = batch_rng(seed, step, EXAMPLES).integers(0, len(examples), size=batch_size)
     return [examples[i] for i in picks[rows]]
 
 
-def _pad(sequences: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+def _pad(sequences: Sequence[np.ndarray], length: int, pad_id: int, name: str
+         ) -> tuple[np.ndarray, np.ndarray]:
     """Cut or pad each sequence to ``length``: ids int32 ``[n, length]`` and a bool mask."""
     if not isinstance(length, (int, np.integer)) or length < 1:
-        raise ValueError(f"sequence length must be a positive int, got {length!r}")
+        raise ValueError(f"{name} must be a positive int, got {length!r}")
     ids = np.full((len(sequences), length), pad_id, dtype=np.int32)
     mask = np.zeros((len(sequences), length), dtype=bool)
     for row, seq in enumerate(sequences):

@@ -71,17 +71,19 @@ def validate_seq_len(tokens: np.ndarray, seq_len: int, *, name: str = "tokens") 
 
 
 def get_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
-              process_index: int = 0, process_count: int = 1) -> tuple[np.ndarray, np.ndarray]:
+              process_index: int = 0, process_count: int = 1,
+              rows: slice | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Random windows of ``tokens`` for next-token prediction, determined by ``(seed, step)``.
 
     ``batch_size`` is the global batch; this process gets rows
     ``[process_index * b_local, (process_index + 1) * b_local)`` with
-    ``b_local = batch_size // process_count``.
+    ``b_local = batch_size // process_count``, or the slice ``rows`` when given
+    (e.g. ``sharding.process_batch_slice(mesh, batch_size)``).
     Returns ``(inputs, targets)``, int32 ``[b_local, seq_len]``; ``targets`` is ``inputs``
     shifted one token left.
     """
     validate_seq_len(tokens, seq_len)
-    rows = local_rows(batch_size, process_index, process_count)
+    rows = local_rows(batch_size, process_index, process_count, rows)
     starts = batch_rng(seed, step, WINDOWS).integers(0, len(tokens) - seq_len, size=batch_size)
     windows = np.asarray(tokens[starts[rows, None] + np.arange(seq_len + 1)], dtype=np.int32)
     return windows[:, :-1], windows[:, 1:]
@@ -114,7 +116,8 @@ def mask_tokens(tokens: np.ndarray, *, rng: np.random.Generator | int, mask_id: 
 
 def get_mlm_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, seq_len: int,
                   tokenizer: Tokenizer, mask_prob: float = 0.15, process_index: int = 0,
-                  process_count: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  process_count: int = 1, rows: slice | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random windows of ``tokens`` masked by ``mask_tokens``, determined by ``(seed, step)``.
 
     Returns ``(inputs, labels, weights)`` ``[b_local, seq_len]`` (int32, int32, float32),
@@ -124,5 +127,5 @@ def get_mlm_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int, 
     masked = mask_tokens(windows, rng=batch_rng(seed, step, MASKING), mask_id=tokenizer.mask_id,
                          vocab_size=tokenizer.vocab_size, special_ids=tokenizer.special_ids,
                          mask_prob=mask_prob)
-    rows = local_rows(batch_size, process_index, process_count)
+    rows = local_rows(batch_size, process_index, process_count, rows)
     return tuple(a[rows] for a in masked)

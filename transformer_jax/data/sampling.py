@@ -20,10 +20,22 @@ def batch_rng(seed: int, step: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([int(seed), int(step), stream])
 
 
-def local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
-    """The rows of a global batch of ``batch_size`` that belong to ``process_index``."""
+def local_rows(batch_size: int, process_index: int = 0, process_count: int = 1,
+               rows: slice | None = None) -> slice:
+    """The rows of a global batch of ``batch_size`` that this process loads.
+
+    By default process ``process_index`` of ``process_count`` gets the
+    ``process_index``-th equal share. ``rows``, when given, names them directly (e.g.
+    ``sharding.process_batch_slice(mesh, batch_size)``, which gives replica processes
+    the same rows) and overrides the other two.
+    """
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if rows is not None:
+        if not (isinstance(rows, slice) and rows.step in (None, 1)
+                and 0 <= (rows.start or 0) < (rows.stop or 0) <= batch_size):
+            raise ValueError(f"rows must be a non-empty slice within [0, {batch_size}), got {rows!r}")
+        return rows
     if not isinstance(process_count, (int, np.integer)) or process_count < 1:
         raise ValueError(f"process_count must be a positive int, got {process_count!r}")
     if not isinstance(process_index, (int, np.integer)) or not 0 <= process_index < process_count:
