@@ -7,6 +7,7 @@ from transformer_jax.layers.norms import make_norm
 from transformer_jax.layers.positional import (
     LearnedPositions,
     apply_rotary,
+    padding_positions,
     segment_positions,
     sinusoidal_encoding,
 )
@@ -21,6 +22,7 @@ __all__ = [
     "TokenEmbedding",
     "apply_rotary",
     "make_norm",
+    "padding_positions",
     "segment_positions",
     "sinusoidal_encoding",
     "write_cache",

@@ -68,3 +68,12 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
         [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
     )
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def padding_positions(padding_mask: jax.Array) -> jax.Array:
+    """Positions that count real tokens only: padding anywhere leaves them unchanged.
+
+    padding_mask: bool [batch, length], True = real token; returns int32 [batch, length]
+    (a padding slot gets the position of the preceding real token, or 0).
+    """
+    return jnp.maximum(jnp.cumsum(padding_mask, axis=1, dtype=jnp.int32) - 1, 0)
