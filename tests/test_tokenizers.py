@@ -49,6 +49,7 @@ def test_decode_drops_specials_and_rejects_out_of_range():
     ids = [tok.bos_id, 0, tok.mask_id, 1, tok.eos_id, tok.pad_id]
     assert tok.decode(ids) == "ab"
     assert tok.decode(np.array(ids, dtype=np.int64)) == "ab"
+    assert tok.decode([]) == "" and ByteTokenizer().decode([]) == ""
     with pytest.raises(ValueError, match="ids must lie in"):
         tok.decode([0, tok.vocab_size])
     with pytest.raises(ValueError, match="ids must lie in"):
@@ -143,6 +144,9 @@ def test_bad_specs_are_rejected(tmp_path):
     with pytest.raises(ValueError, match="vocab_size must be an int >= 260"):
         build_tokenizer("bpe", CORPUS, vocab_size=100)
     with pytest.raises(ValueError, match="tokenizer.json or a directory"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": 1}', encoding="utf-8")
+    with pytest.raises(ValueError, match="not a valid Hugging Face tokenizer.json"):
         load_tokenizer(tmp_path)
     with pytest.raises(TypeError, match="text must be a str"):
         ByteTokenizer().encode(b"bytes")

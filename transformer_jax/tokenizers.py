@@ -71,6 +71,7 @@ class Tokenizer(abc.ABC):
         if bad.size:
             raise ValueError(
                 f"ids must lie in [0, {self.vocab_size}), got {bad[:5].tolist()}")
+        ids = ids.astype(np.int64)  # also gives an empty list a usable index dtype
         return self._decode_ordinary(ids[~np.isin(ids, self.special_ids)])
 
     def save(self, directory: str | os.PathLike) -> str:
@@ -210,7 +211,11 @@ class BPETokenizer(Tokenizer):
 
         if not os.path.isfile(path):
             raise ValueError(f"path must be an existing tokenizer.json file, got {str(path)!r}")
-        return cls(HFTokenizer.from_file(os.fspath(path)))
+        try:
+            hf = HFTokenizer.from_file(os.fspath(path))
+        except Exception as e:  # the Rust side raises a bare Exception
+            raise ValueError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from None
+        return cls(hf)
 
     @property
     def vocab_size(self) -> int:
@@ -227,7 +232,8 @@ class BPETokenizer(Tokenizer):
         return self._hf.to_str()
 
 
-def build_tokenizer(spec: str, text: str | None = None, vocab_size: int = 4096) -> Tokenizer:
+def build_tokenizer(spec: str | os.PathLike, text: str | None = None,
+                    vocab_size: int = 4096) -> Tokenizer:
     """Make the tokenizer named by ``spec``.
 
     spec: ``"char"`` (trained on ``text``), ``"byte"``, ``"bpe"`` (trained on ``text``
