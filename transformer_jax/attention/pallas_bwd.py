@@ -39,7 +39,7 @@ def _probs_and_dlogits(q, k, v, do, lse, delta, q_start, k_start, q_len, kv_len,
     """p = softmax probabilities [bq, bk] and dL/d(scaled q.k) [bq, bk], both float32."""
     s, t = tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec)
     p = jnp.exp2(s - lse[:, None])  # 0 where masked, and on fully masked rows (lse = +inf)
-    dp = pl.dot(do, v, trans_b=True)
+    dp = plgpu.dot(do, v, trans_b=True)
     ds = p * (dp - delta[:, None])
     if spec.soft_cap is not None:
         ds = ds * (1.0 - t * t)  # d/dx cap * tanh(x / cap)
@@ -62,8 +62,8 @@ def _dkdv_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v
         q_seg = q_seg_ref[rows] if spec.has_segments else None
         p, ds = _probs_and_dlogits(q, k, v, do, lse_ref[rows], delta_ref[rows], q_start, k_start,
                                    q_len, kv_len, q_seg, kv_seg, spec)
-        dv = dv + pl.dot(p.astype(do.dtype), do, trans_a=True)
-        dk = dk + pl.dot(ds.astype(q.dtype), q, trans_a=True)
+        dv = dv + plgpu.dot(p.astype(do.dtype), do, trans_a=True)
+        dk = dk + plgpu.dot(ds.astype(q.dtype), q, trans_a=True)
         return dk, dv
 
     lo, hi = _q_block_range(k_start, block_k, block_q, q_len, kv_len, spec)
@@ -88,7 +88,7 @@ def _dq_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_r
         kv_seg = kv_seg_ref[cols] if spec.has_segments else None
         _, ds = _probs_and_dlogits(q, k, v, do, lse, delta, q_start, k_start, q_len, kv_len,
                                    q_seg, kv_seg, spec)
-        return dq + pl.dot(ds.astype(k.dtype), k)
+        return dq + plgpu.dot(ds.astype(k.dtype), k)
 
     lo, hi = kv_block_range(q_start, block_q, block_k, q_len, kv_len, spec)
     dq = lax.fori_loop(lo, hi, body, jnp.zeros(q_ref.shape, jnp.float32))

@@ -45,7 +45,7 @@ def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: Mask
     q_seg [bq] / kv_seg [bk]: int32 ids or None. Returns (s2, t): s2 [bq, bk] float32 with
     -inf where masked, and t = tanh(logits / cap) (for the soft-cap derivative) or None.
     """
-    s = pl.dot(q, k, trans_b=True) * spec.scale
+    s = plgpu.dot(q, k, trans_b=True) * spec.scale
     t = None
     if spec.soft_cap is not None:
         t = jnp.tanh(s / spec.soft_cap)
@@ -105,7 +105,7 @@ def _forward_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref
         p = jnp.exp2(s - shift[:, None])
         alpha = jnp.exp2(m - shift)
         l = alpha * l + jnp.sum(p, axis=1)
-        acc = alpha[:, None] * acc + pl.dot(p.astype(v.dtype), v)
+        acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
     lo, hi = kv_block_range(q_start, block_q, block_k, q_len, kv_len, spec)

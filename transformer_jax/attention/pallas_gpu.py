@@ -13,6 +13,7 @@ x become c * tanh(x / c) before the softmax. Softmax statistics are float32.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import numbers
 
@@ -90,7 +91,7 @@ def attention(
     segment_ids: tuple[jax.Array, jax.Array] | None,
     local_window_size: tuple[int, int] | None,
     logits_soft_cap: float | None,
-    block_sizes: BlockSizes | None,
+    block_sizes: BlockSizes | tuple[int, int] | None,
     interpret: bool | None = None,
 ) -> jax.Array:
     """Fused attention; differentiable w.r.t. query, key and value.
@@ -106,7 +107,8 @@ def attention(
       segment_ids: (q_ids [batch, q_len], kv_ids [batch, kv_len]) ints, or None.
       local_window_size: (left, right) non-negative ints: i - left <= j <= i + right; or None.
       logits_soft_cap: positive float c (logits -> c * tanh(logits / c)) or None.
-      block_sizes: tiles and launch parameters; None takes pallas_tuning's table entry.
+      block_sizes: a pallas_tuning.BlockSizes; or (block_q, block_k), the forward tiles,
+        with the rest from the table; or None, the table entry for head_dim on this GPU.
       interpret: run in Pallas interpret mode; None means on any backend but GPU.
 
     Returns:
@@ -125,8 +127,6 @@ def attention(
         len(local_window_size) == 2 and all(isinstance(w, numbers.Integral) and w >= 0 for w in local_window_size)
     ):
         raise ValueError(f"local_window_size={local_window_size!r}: expected None or (left, right) ints >= 0")
-    if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes={block_sizes!r}: expected None or a pallas_tuning.BlockSizes")
     q_lens = _lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
     kv_lens = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
     q_seg = kv_seg = None
@@ -143,20 +143,33 @@ def attention(
     spec = MaskSpec(scale=float(scale), left=left, right=right,
                     soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                     has_segments=segment_ids is not None)
-    blocks = (block_sizes or default_block_sizes(head_dim)).clamped(q_len, kv_len)
+    blocks = _block_sizes(block_sizes, head_dim).clamped(q_len, kv_len)
     interpret = jax.default_backend() != "gpu" if interpret is None else bool(interpret)
 
     # Pad both sequences to a multiple of every tile that walks them; the lengths mask the rest.
     q_pad = -q_len % max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     kv_pad = -kv_len % max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    q, k, v = pad_seq(query, q_pad), pad_seq(key, kv_pad), pad_seq(value, kv_pad)
+    q, k, v = _pad_seq(query, q_pad), _pad_seq(key, kv_pad), _pad_seq(value, kv_pad)
     if q_seg is not None:
-        q_seg, kv_seg = pad_seq(q_seg.astype(jnp.int32), q_pad), pad_seq(kv_seg.astype(jnp.int32), kv_pad)
+        q_seg, kv_seg = _pad_seq(q_seg.astype(jnp.int32), q_pad), _pad_seq(kv_seg.astype(jnp.int32), kv_pad)
     out = _flash(spec, blocks, interpret, q, k, v, q_lens, kv_lens, q_seg, kv_seg)
     return out[:, :q_len]
 
 
-def pad_seq(x: jax.Array, n: int) -> jax.Array:
+def _block_sizes(block_sizes, head_dim: int) -> BlockSizes:
+    """The BlockSizes a `block_sizes` argument stands for (see `attention`)."""
+    if isinstance(block_sizes, BlockSizes):
+        return block_sizes
+    table = default_block_sizes(head_dim)
+    if block_sizes is None:
+        return table
+    if isinstance(block_sizes, tuple) and len(block_sizes) == 2:
+        return dataclasses.replace(table, block_q=block_sizes[0], block_k=block_sizes[1])
+    raise TypeError(f"block_sizes={block_sizes!r}: expected None, (block_q, block_k) or a "
+                    f"pallas_tuning.BlockSizes")
+
+
+def _pad_seq(x: jax.Array, n: int) -> jax.Array:
     """Appends n zero positions to axis 1 (the sequence axis)."""
     return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
 

@@ -1,0 +1,281 @@
+"""The Pallas flash-attention kernel, run in interpret mode on CPU, against float64 NumPy.
+
+Every case checks the output and the gradients w.r.t. q, k and v (one jitted vjp per
+case, so each case costs one compilation). Shapes are tiny and tiles 16 wide so that
+several tiles, partial tiles and skipped tiles all occur.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import example, given, settings
+
+from transformer_jax.attention import pallas_gpu
+from transformer_jax.attention.pallas_bwd import _q_block_range
+from transformer_jax.attention.pallas_fwd import MaskSpec, kv_block_range
+from transformer_jax.attention.pallas_tuning import BlockSizes, default_block_sizes
+
+TILES = BlockSizes(16, 16, 16, 16, 16, 16)
+
+
+# ----------------------------------------------------------------------------- reference
+def reference_mask(q_len, kv_len, *, causal, window, q_lens, kv_lens, q_ids, kv_ids):
+    """bool [b, Lq, Lk], True = attend, straight from the definition."""
+    i = np.arange(q_len)[:, None]
+    j = np.arange(kv_len)[None, :]
+    keep = np.ones((len(q_lens), q_len, kv_len), bool)
+    if causal:
+        keep &= j <= i
+    if window is not None:
+        keep &= (j >= i - window[0]) & (j <= i + window[1])
+    keep &= i[None] < np.asarray(q_lens)[:, None, None]
+    keep &= j[None] < np.asarray(kv_lens)[:, None, None]
+    if q_ids is not None:
+        keep &= np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :]
+    return keep
+
+
+def reference_vjp(q, k, v, d_out, keep, scale, cap):
+    """float64 output and (dq, dk, dv) of masked (soft-capped) softmax attention.
+
+    q [b, T, h, d], k/v [b, S, hk, d], keep [b, T, S]. Fully masked rows output 0.
+    The backward is the textbook chain rule: dV = P^T dO, dP = dO V^T,
+    dS = P (dP - rowsum(dO O)), through the cap's tanh, then dQ = scale dS K, dK = scale dS^T Q.
+    """
+    q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
+    group = q.shape[2] // k.shape[2]
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    x = np.einsum("bthd,bshd->bhts", q, k) * scale
+    t = np.tanh(x / cap) if cap else None
+    s = cap * t if cap else x
+    s = np.where(keep[:, None], s, -np.inf)
+    row_max = np.max(s, axis=-1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0))
+    total = e.sum(-1, keepdims=True)
+    p = e / np.where(total == 0, 1.0, total)
+    out = np.einsum("bhts,bshd->bthd", p, v)
+    dv = np.einsum("bhts,bthd->bshd", p, d_out)
+    dp = np.einsum("bthd,bshd->bhts", d_out, v)
+    ds = p * (dp - np.einsum("bthd,bthd->bht", d_out, out)[..., None])
+    if cap:
+        ds = ds * (1.0 - t**2)
+    dq = np.einsum("bhts,bshd->bthd", ds, k) * scale
+    dk = np.einsum("bhts,bthd->bshd", ds, q) * scale
+    fold = lambda g: g.reshape(g.shape[0], g.shape[1], -1, group, g.shape[3]).sum(3)  # noqa: E731
+    return out, (dq, fold(dk), fold(dv))
+
+
+def test_reference_gradient_matches_finite_differences():
+    """The NumPy backward is itself checked: directional derivative vs central differences."""
+    rng = np.random.default_rng(0)
+    q, k, v = rng.standard_normal((1, 5, 2, 4)), rng.standard_normal((1, 6, 1, 4)), rng.standard_normal((1, 6, 1, 4))
+    d_out = rng.standard_normal((1, 5, 2, 4))
+    keep = reference_mask(5, 6, causal=True, window=(3, 1), q_lens=[4], kv_lens=[6],
+                          q_ids=[[0, 0, 1, 1, 1]], kv_ids=[[0, 0, 1, 1, 2, 1]])
+    _, grads = reference_vjp(q, k, v, d_out, keep, 0.7, 2.0)
+    directions = [rng.standard_normal(x.shape) for x in (q, k, v)]
+    loss = lambda *xs: np.sum(reference_vjp(*xs, d_out, keep, 0.7, 2.0)[0] * d_out)  # noqa: E731
+    eps = 1e-6
+    plus = loss(*(x + eps * u for x, u in zip((q, k, v), directions)))
+    minus = loss(*(x - eps * u for x, u in zip((q, k, v), directions)))
+    predicted = sum(np.sum(g * u) for g, u in zip(grads, directions))
+    np.testing.assert_allclose((plus - minus) / (2 * eps), predicted, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------- kernel vs reference
+@dataclasses.dataclass(frozen=True)
+class Case:
+    q_len: int
+    kv_len: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool = False
+    window: tuple[int, int] | None = None
+    cap: float | None = None
+    lengths: bool = False
+    segments: bool = False
+    tiles: BlockSizes | tuple[int, int] | None = TILES
+
+
+CASES = {
+    # causal self-attention, GQA, per-batch lengths, 37 = 2 tiles + 5
+    "causal-gqa-lengths": Case(37, 37, 4, 2, 64, causal=True, lengths=True),
+    # cross attention, MQA, segments (some query ids absent among keys), window, soft-cap
+    "segments-window-cap-mqa": Case(29, 45, 2, 1, 128, window=(7, 1), cap=5.0, segments=True),
+    # causal + window + segments + lengths, differing backward tiles, q_len > kv_len
+    "everything": Case(40, 23, 2, 2, 64, causal=True, window=(9, 2), cap=3.0, lengths=True, segments=True,
+                       tiles=BlockSizes(32, 16, 16, 32, 32, 16)),
+    # no masks at all, tiles from the table (clamped to the short sequence)
+    "plain-table-tiles": Case(21, 21, 2, 2, 128, tiles=None),
+}
+
+
+def make_inputs(case: Case, dtype, seed: int):
+    rng = np.random.default_rng(seed)
+    batch = 2
+    draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
+    q = draw(batch, case.q_len, case.heads, case.head_dim)
+    k = draw(batch, case.kv_len, case.kv_heads, case.head_dim)
+    v = draw(batch, case.kv_len, case.kv_heads, case.head_dim)
+    d_out = draw(batch, case.q_len, case.heads, case.head_dim)
+    q_lens = kv_lens = q_ids = kv_ids = None
+    if case.lengths:  # one full sequence, one short (its tail rows are fully masked)
+        q_lens = jnp.asarray([case.q_len, rng.integers(1, case.q_len)], jnp.int32)
+        kv_lens = jnp.asarray([rng.integers(1, case.kv_len), case.kv_len], jnp.int32)
+    if case.segments:  # packed (sorted) keys, shuffled queries with an id no key has
+        kv_ids = jnp.asarray(np.sort(rng.integers(0, 3, (batch, case.kv_len)), axis=1), jnp.int32)
+        q_ids = jnp.asarray(rng.integers(0, 4, (batch, case.q_len)), jnp.int32)
+    return (q, k, v, d_out), (q_lens, kv_lens, q_ids, kv_ids)
+
+
+def run_kernel(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
+    """(out, (dq, dk, dv)) of the kernel in interpret mode, under one jit."""
+    scale = case.head_dim**-0.5
+
+    def attend(q, k, v):
+        return pallas_gpu.attention(
+            q, k, v, scale=scale, is_causal=case.causal, query_seq_lengths=q_lens,
+            key_value_seq_lengths=kv_lens, segment_ids=None if q_ids is None else (q_ids, kv_ids),
+            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=case.tiles,
+            interpret=True,
+        )
+
+    @jax.jit
+    def vjp(q, k, v, d_out):
+        out, pullback = jax.vjp(attend, q, k, v)
+        return out, pullback(d_out)
+
+    return vjp(q, k, v, d_out)
+
+
+def expected(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
+    batch = q.shape[0]
+    keep = reference_mask(
+        case.q_len, case.kv_len, causal=case.causal, window=case.window,
+        q_lens=[case.q_len] * batch if q_lens is None else q_lens,
+        kv_lens=[case.kv_len] * batch if kv_lens is None else kv_lens,
+        q_ids=q_ids, kv_ids=kv_ids,
+    )
+    out, grads = reference_vjp(q, k, v, d_out, keep, case.head_dim**-0.5, case.cap)
+    return keep, out, grads
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_float32_output_and_gradients_match_float64_reference(name):
+    case = CASES[name]
+    tensors, masking = make_inputs(case, jnp.float32, seed=len(name))
+    out, grads = run_kernel(case, *tensors, *masking)
+    keep, want_out, want_grads = expected(case, *tensors, *masking)
+
+    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
+    for label, got, want in zip("qkv", grads, want_grads):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d{label}")
+    empty_rows = ~keep.any(-1)  # [b, Lq]
+    if case.lengths or case.segments:
+        assert empty_rows.any(), "the case should contain fully masked rows"
+        assert np.all(np.asarray(out)[empty_rows] == 0.0)
+        assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
+
+
+def test_bfloat16_uses_float32_statistics():
+    """bf16 inputs, float64 reference on the same (rounded) inputs; error bound is bf16's."""
+    case = CASES["everything"]
+    tensors, masking = make_inputs(case, jnp.bfloat16, seed=7)
+    out, grads = run_kernel(case, *tensors, *masking)
+    _, want_out, want_grads = expected(case, *tensors, *masking)
+
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    for label, got, want in zip(["out", "dq", "dk", "dv"], (out, *grads), (want_out, *want_grads)):
+        error = np.max(np.abs(np.asarray(got, np.float64) - want))
+        # bf16 keeps 8 significant bits (2**-8 ~ 0.4%); allow a few roundings of the largest value.
+        assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
+
+
+# ----------------------------------------------------------------------------- tile skipping
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    q_tiles=st.integers(1, 4), kv_tiles=st.integers(1, 4), bq=st.sampled_from([16, 32]),
+    bk=st.sampled_from([16, 32]), causal=st.booleans(),
+    window=st.none() | st.tuples(st.integers(0, 40), st.integers(0, 40)),
+    q_valid=st.integers(0, 128), kv_valid=st.integers(0, 128),
+)
+# A window edge that lands on the first or last key of a tile (off-by-one bait).
+@example(q_tiles=3, kv_tiles=4, bq=16, bk=16, causal=False, window=(1, 1), q_valid=128, kv_valid=128)
+@example(q_tiles=4, kv_tiles=3, bq=16, bk=32, causal=False, window=(17, 17), q_valid=128, kv_valid=128)
+@example(q_tiles=4, kv_tiles=4, bq=32, bk=16, causal=True, window=(16, 0), q_valid=128, kv_valid=128)
+def test_tile_ranges_cover_every_visible_key_and_skip_the_rest(q_tiles, kv_tiles, bq, bk, causal, window,
+                                                               q_valid, kv_valid):
+    """Brute force: tiles outside [lo, hi) hold no visible (query, key) pair; with full
+    lengths the range is exactly the visible tiles (so masked tiles really are skipped)."""
+    q_len, kv_len = q_tiles * bq, kv_tiles * bk
+    q_valid, kv_valid = min(q_valid, q_len), min(kv_valid, kv_len)
+    left, right = window if window is not None else (None, None)
+    if causal:
+        right = 0 if right is None else min(right, 0)
+    spec = MaskSpec(scale=1.0, left=left, right=right, soft_cap=None, has_segments=False)
+    keep = reference_mask(q_len, kv_len, causal=causal, window=window, q_lens=[q_valid], kv_lens=[kv_valid],
+                          q_ids=None, kv_ids=None)[0]
+    visible = keep.reshape(q_tiles, bq, kv_tiles, bk).any(axis=(1, 3))  # [q tile, kv tile]
+    full = q_valid == q_len and kv_valid == kv_len
+    for i in range(q_tiles):
+        lo, hi = (int(x) for x in kv_block_range(jnp.int32(i * bq), bq, bk, jnp.int32(q_valid), jnp.int32(kv_valid), spec))
+        in_range = (np.arange(kv_tiles) >= lo) & (np.arange(kv_tiles) < hi)
+        assert not np.any(visible[i] & ~in_range), (i, lo, hi)
+        if full:
+            assert np.array_equal(in_range, visible[i]) or not visible[i].any() and lo == hi
+    for j in range(kv_tiles):
+        lo, hi = (int(x) for x in _q_block_range(jnp.int32(j * bk), bk, bq, jnp.int32(q_valid), jnp.int32(kv_valid), spec))
+        in_range = (np.arange(q_tiles) >= lo) & (np.arange(q_tiles) < hi)
+        assert not np.any(visible[:, j] & ~in_range), (j, lo, hi)
+        if full:
+            assert np.array_equal(in_range, visible[:, j]) or not visible[:, j].any() and lo == hi
+
+
+# ----------------------------------------------------------------------------- support and bad input
+def _qkv(head_dim=64, dtype=jnp.bfloat16, kv_heads=2):
+    return (jnp.zeros((1, 8, 4, head_dim), dtype), jnp.zeros((1, 8, kv_heads, head_dim), dtype),
+            jnp.zeros((1, 8, kv_heads, head_dim), dtype))
+
+
+def test_supports_explains_why_not():
+    no_extras = dict(bias=None, mask=None, dropout_rate=0.0, logits_soft_cap=None)
+    assert "bias" in pallas_gpu.supports(*_qkv(), **{**no_extras, "bias": jnp.zeros((8, 8))})
+    assert "mask" in pallas_gpu.supports(*_qkv(), **{**no_extras, "mask": jnp.ones((8, 8), bool)})
+    assert "dropout" in pallas_gpu.supports(*_qkv(), **{**no_extras, "dropout_rate": 0.1})
+    assert "GPU" in pallas_gpu.supports(*_qkv(), **no_extras)  # this test runs on CPU
+
+
+def _attend(q, k, v, **overrides):
+    args = dict(scale=0.125, is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
+                segment_ids=None, local_window_size=None, logits_soft_cap=None, block_sizes=None)
+    return pallas_gpu.attention(q, k, v, **{**args, **overrides})
+
+
+@pytest.mark.parametrize("make, overrides, message", [
+    (lambda: _qkv(head_dim=48), {}, "head_dim"),
+    (lambda: _qkv(kv_heads=3), {}, "multiple"),
+    (lambda: (*_qkv()[:2], _qkv(dtype=jnp.float16)[2]), {}, "dtype"),
+    (lambda: _qkv(dtype=jnp.int8), {}, "dtype"),
+    (_qkv, {"local_window_size": (2, -1)}, "local_window_size"),
+    (_qkv, {"logits_soft_cap": 0.0}, "logits_soft_cap"),
+    (_qkv, {"query_seq_lengths": jnp.ones((2,), jnp.int32)}, "query_seq_lengths"),
+    (_qkv, {"segment_ids": (jnp.zeros((1, 8), jnp.int32), jnp.zeros((1, 7), jnp.int32))}, "segment ids"),
+    (_qkv, {"block_sizes": (24, 16)}, "block_q"),
+])
+def test_bad_input_raises_value_error_naming_it(make, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        _attend(*make(), **overrides)
+
+
+def test_table_has_every_supported_head_dim_on_both_generations():
+    for head_dim in pallas_gpu.SUPPORTED_HEAD_DIMS:
+        for generation in ("sm80", "sm90"):
+            assert isinstance(default_block_sizes(head_dim, generation), BlockSizes)
+    with pytest.raises(ValueError, match="head_dim"):
+        default_block_sizes(96, "sm90")
