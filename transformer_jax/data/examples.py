@@ -7,13 +7,24 @@ built-in synthetic task that needs no download:
 * seq2seq, ``reverse_pairs``: a random lowercase string and the same string reversed.
 * classify, ``shuffle_examples``: windows of the corpus's own tokens, half of them
   with their tokens randomly permuted (label 1) and half left as they are (label 0).
-  The token counts are identical in both classes, so the classifier must judge word
-  and character order - what masked-LM pretraining on the same corpus teaches.
+  A shuffled window holds exactly the tokens of a real one, so token counts give
+  nothing away: the classifier must judge order, which masked-LM pretraining on the
+  same corpus teaches.
 
-    pairs = encode_pairs(read_tsv(path), tokenizer)
+    # seq2seq, from a TSV file or the synthetic task
+    rows = read_tsv(path) if path else reverse_pairs(10_000, seed=0)
+    tok = build_tokenizer("char", "".join(src + tgt for src, tgt in rows))
+    train, val = split_examples(encode_pairs(rows, tok))
     src, tgt_in, tgt_out, src_mask, tgt_mask = make_seq2seq_batch(
-        pairs, seed=0, step=step, batch_size=32, src_len=64, tgt_len=64,
+        train, seed=0, step=step, batch_size=32, src_len=64, tgt_len=64,
         pad_id=tok.pad_id, bos_id=tok.bos_id, eos_id=tok.eos_id)
+
+    # classification, synthetic: draw train and val examples from the matching splits
+    splits = prepare_tokens(text, tok, cache_dir)
+    train = shuffle_examples(splits.train, 4096, seed=0, seq_len=128)
+    val = shuffle_examples(splits.val, 512, seed=1, seq_len=128)
+    tokens, padding_mask, labels = make_classify_batch(
+        train, seed=0, step=step, batch_size=32, seq_len=128, pad_id=tok.pad_id)
 """
 from __future__ import annotations
 

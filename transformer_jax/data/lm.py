@@ -43,7 +43,7 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction!r}")
     dtype = token_dtype(tokenizer.vocab_size)
-    key = hashlib.sha256(text.encode("utf-8", "surrogatepass") + b"\0"
+    key = hashlib.sha256(text.encode("utf-8") + b"\0"
                          + tokenizer.fingerprint().encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"tokens-{key}.{dtype.name}.bin")
     if not os.path.isfile(path):
