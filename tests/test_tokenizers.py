@@ -106,7 +106,8 @@ def test_bpe_training_is_deterministic(bpe):
 def test_bpe_from_foreign_file_maps_or_adds_specials(bpe, tmp_path):
     # A GPT-2 style file: one "<|endoftext|>" token serves as bos and eos; no pad/mask.
     foreign = json.loads(bpe.to_json())
-    foreign["added_tokens"] = [t for t in foreign["added_tokens"] if t["content"] not in SPECIAL_TOKENS]
+    foreign["added_tokens"] = [t for t in foreign["added_tokens"]
+                               if t["content"] not in SPECIAL_TOKENS]
     foreign["added_tokens"].append({"id": 316, "content": "<|endoftext|>", "single_word": False,
                                     "lstrip": False, "rstrip": False, "normalized": False,
                                     "special": True})

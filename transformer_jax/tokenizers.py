@@ -96,7 +96,8 @@ class CharTokenizer(Tokenizer):
     def __init__(self, chars: Sequence[str]):
         chars = sorted(set(chars))
         if not chars or any(len(c) != 1 for c in chars):
-            raise ValueError(f"chars must be a non-empty collection of single characters, got {chars[:10]!r}")
+            raise ValueError(
+                f"chars must be a non-empty collection of single characters, got {chars[:10]!r}")
         self.chars = "".join(chars)
         # Code points sorted ascending (the order of Python's str sort), for searchsorted.
         self._code_points = _code_points(self.chars)
@@ -106,7 +107,8 @@ class CharTokenizer(Tokenizer):
     def train(cls, text: str) -> CharTokenizer:
         """The tokenizer whose symbols are the distinct characters of ``text``."""
         if not isinstance(text, str) or not text:
-            raise ValueError(f"text must be a non-empty str to train a char tokenizer, got {text!r:.40}")
+            raise ValueError(
+                f"text must be a non-empty str to train a char tokenizer, got {text!r:.40}")
         return cls(np.unique(_code_points(text)).view("<U1").tolist())
 
     @property
@@ -119,7 +121,7 @@ class CharTokenizer(Tokenizer):
         ids = np.searchsorted(self._code_points, points)
         known = self._code_points[np.minimum(ids, len(self.chars) - 1)] == points
         if not known.all():
-            unseen = sorted(set(np.unique(points[~known]).view("<U1").tolist()))
+            unseen = np.unique(points[~known]).view("<U1").tolist()
             raise ValueError(
                 f"text holds {len(unseen)} character(s) unknown to this char tokenizer "
                 f"(e.g. {unseen[:8]!r}); train the tokenizer on this text or use 'byte' or 'bpe'")
@@ -191,9 +193,11 @@ class BPETokenizer(Tokenizer):
         from tokenizers import decoders, models, pre_tokenizers, trainers
 
         if not isinstance(text, str) or not text:
-            raise ValueError(f"text must be a non-empty str to train a BPE tokenizer, got {text!r:.40}")
+            raise ValueError(
+                f"text must be a non-empty str to train a BPE tokenizer, got {text!r:.40}")
         if not isinstance(vocab_size, int) or vocab_size < 260:
-            raise ValueError(f"vocab_size must be an int >= 260 (256 bytes + 4 specials), got {vocab_size!r}")
+            raise ValueError(
+                f"vocab_size must be an int >= 260 (256 bytes + 4 specials), got {vocab_size!r}")
         hf = HFTokenizer(models.BPE())
         hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         hf.decoder = decoders.ByteLevel()
@@ -214,7 +218,8 @@ class BPETokenizer(Tokenizer):
         try:
             hf = HFTokenizer.from_file(os.fspath(path))
         except Exception as e:  # the Rust side raises a bare Exception
-            raise ValueError(f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from None
+            raise ValueError(
+                f"{str(path)!r} is not a valid Hugging Face tokenizer.json: {e}") from None
         return cls(hf)
 
     @property
@@ -259,7 +264,8 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer saved by ``Tokenizer.save`` (its directory) or any ``tokenizer.json``."""
     file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else os.fspath(path)
     if not os.path.isfile(file):
-        raise ValueError(f"path must be a tokenizer.json or a directory holding one, got {str(path)!r}")
+        raise ValueError(
+            f"path must be a tokenizer.json or a directory holding one, got {str(path)!r}")
     with open(file, encoding="utf-8") as f:
         data = json.load(f)
     own = data.get(_OWN_FORMAT_KEY) if isinstance(data, dict) else None

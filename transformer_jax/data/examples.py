@@ -141,7 +141,8 @@ def make_seq2seq_batch(pairs: Sequence[Pair], *, seed: int, step: int, batch_siz
     src, src_mask = _pad([s for s, _ in chosen], src_len, pad_id, "src_len")
     tgt_in, tgt_mask = _pad([np.concatenate([[bos_id], t]) for _, t in chosen], tgt_len, pad_id,
                             "tgt_len")
-    tgt_out, _ = _pad([np.concatenate([t, [eos_id]]) for _, t in chosen], tgt_len, pad_id, "tgt_len")
+    tgt_out, _ = _pad([np.concatenate([t, [eos_id]]) for _, t in chosen], tgt_len, pad_id,
+                      "tgt_len")
     return src, tgt_in, tgt_out, src_mask, tgt_mask
 
 

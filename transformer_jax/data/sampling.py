@@ -34,7 +34,8 @@ def local_rows(batch_size: int, process_index: int = 0, process_count: int = 1,
     if rows is not None:
         if not (isinstance(rows, slice) and rows.step in (None, 1)
                 and 0 <= (rows.start or 0) < (rows.stop or 0) <= batch_size):
-            raise ValueError(f"rows must be a non-empty slice within [0, {batch_size}), got {rows!r}")
+            raise ValueError(
+                f"rows must be a non-empty slice within [0, {batch_size}), got {rows!r}")
         return rows
     if not isinstance(process_count, (int, np.integer)) or process_count < 1:
         raise ValueError(f"process_count must be a positive int, got {process_count!r}")
