@@ -356,6 +356,13 @@ def test_classify_batch_pads_and_labels():
         assert lengths[row] == min(n, 6)
         assert tokens[row].tolist() == [i + 1 if i < n else 0 for i in range(6)]
         assert n == 6 or labels[row] == n % 2
+    with_cls, cls_mask, _ = make_classify_batch(examples, seed=1, step=0, batch_size=8,
+                                                seq_len=6, pad_id=0, cls_id=42)
+    plain, plain_mask, _ = make_classify_batch(examples, seed=1, step=0, batch_size=8,
+                                               seq_len=6, pad_id=0)
+    assert (with_cls[:, 0] == 42).all()
+    np.testing.assert_array_equal(with_cls[:, 1:], plain[:, :-1])
+    np.testing.assert_array_equal(cls_mask[:, 1:], plain_mask[:, :-1])
 
 
 def test_tsv_rows_labels_and_split(tmp_path):

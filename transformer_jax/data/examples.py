@@ -152,17 +152,21 @@ def seq2seq_lengths(pairs: Sequence[Pair]) -> tuple[int, int]:
 
 
 def make_classify_batch(examples: Sequence[Labelled], *, seed: int, step: int, batch_size: int,
-                        seq_len: int, pad_id: int, process_index: int = 0, process_count: int = 1,
+                        seq_len: int, pad_id: int, cls_id: int | None = None,
+                        process_index: int = 0, process_count: int = 1,
                         rows: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """A padded batch of random labelled examples, determined by ``(seed, step)``.
 
-    Texts longer than ``seq_len`` are cut. Returns this process's rows (see
+    ``cls_id``, when given, is put before every text (BERT's [CLS] slot, for "first"
+    pooling). Texts longer than ``seq_len`` are cut. Returns this process's rows (see
     ``get_batch``): ``tokens`` int32 ``[b, seq_len]``, ``padding_mask`` bool
     ``[b, seq_len]`` (True on real tokens) and ``labels`` int32 ``[b]``.
     """
     chosen = _choose(examples, seed, step, batch_size,
                      local_rows(batch_size, process_index, process_count, rows))
-    tokens, padding_mask = _pad([ids for ids, _ in chosen], seq_len, pad_id, "seq_len")
+    prefix = np.array([] if cls_id is None else [cls_id], dtype=np.int32)
+    tokens, padding_mask = _pad([np.concatenate([prefix, ids]) for ids, _ in chosen], seq_len,
+                                pad_id, "seq_len")
     return tokens, padding_mask, np.array([label for _, label in chosen], dtype=np.int32)
 
 
