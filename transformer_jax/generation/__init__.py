@@ -1,11 +1,15 @@
-"""Text generation: greedy decoding, sampling and beam search over a step function.
+"""Text generation: greedy decoding, sampling and beam search over the KV cache.
 
-Modules, one decoding idea each:
-  interface.py   the step-function contract and `GenerateOutput`
-  processors.py  temperature, top-k, top-p on logits
-  loop.py        greedy / sampled decoding loop with early stop at EOS
-  beam.py        beam search with length penalty
+`generate(model, params, prompts, ...)` is the entry point. Modules, one idea each:
+  api.py          generate: validation, prefill, the jit-compiled decoding loop
+  validate.py     checks on generate's inputs, before compiling
+  model_steps.py  DecoderLM / EncoderDecoder as step functions (cached or not)
+  interface.py    the step-function contract and `GenerateOutput`
+  processors.py   temperature, top-k, top-p on logits
+  loop.py         greedy / sampled decoding loop with early stop at EOS
+  beam.py         beam search with length penalty
 """
+from transformer_jax.generation.api import generate
 from transformer_jax.generation.beam import beam_search
 from transformer_jax.generation.interface import GenerateOutput
 from transformer_jax.generation.loop import decode, greedy_select, sampling_select
@@ -21,6 +25,7 @@ __all__ = [
     "apply_temperature",
     "beam_search",
     "decode",
+    "generate",
     "greedy_select",
     "process_logits",
     "sampling_select",
