@@ -16,8 +16,8 @@ import pytest
 from hypothesis import example, given, settings
 
 from transformer_jax.attention import pallas_gpu
-from transformer_jax.attention.pallas_bwd import _q_block_range
-from transformer_jax.attention.pallas_fwd import MaskSpec, kv_block_range
+from transformer_jax.attention.pallas_bwd import q_tile_ranges
+from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
 from transformer_jax.attention.pallas_tuning import BlockSizes, default_block_sizes
 
 TILES = BlockSizes(16, 16, 16, 16, 16, 16)
@@ -111,8 +111,10 @@ CASES = {
     # causal + window + segments + lengths, differing backward tiles, q_len > kv_len
     "everything": Case(40, 23, 2, 2, 64, causal=True, window=(9, 2), cap=3.0, lengths=True, segments=True,
                        tiles=BlockSizes(32, 16, 16, 32, 32, 16)),
-    # no masks at all, tiles from the table (clamped to the short sequence)
-    "plain-table-tiles": Case(21, 21, 2, 2, 128, tiles=None),
+    # no masks at all, tiles from the table (clamped to the sequence): unmasked tiles only
+    "plain-table-tiles": Case(64, 64, 2, 2, 128, tiles=None),
+    # causal, tile-aligned, no lengths: unmasked tiles below the diagonal, masked on it
+    "causal-aligned": Case(48, 48, 2, 1, 64, causal=True),
 }
 
 
@@ -203,38 +205,44 @@ def test_bfloat16_uses_float32_statistics():
     q_tiles=st.integers(1, 4), kv_tiles=st.integers(1, 4), bq=st.sampled_from([16, 32]),
     bk=st.sampled_from([16, 32]), causal=st.booleans(),
     window=st.none() | st.tuples(st.integers(0, 40), st.integers(0, 40)),
-    q_valid=st.integers(0, 128), kv_valid=st.integers(0, 128),
+    q_valid=st.integers(0, 128), kv_valid=st.integers(0, 128), segments=st.booleans(),
 )
 # A window edge that lands on the first or last key of a tile (off-by-one bait).
-@example(q_tiles=3, kv_tiles=4, bq=16, bk=16, causal=False, window=(1, 1), q_valid=128, kv_valid=128)
-@example(q_tiles=4, kv_tiles=3, bq=16, bk=32, causal=False, window=(17, 17), q_valid=128, kv_valid=128)
-@example(q_tiles=4, kv_tiles=4, bq=32, bk=16, causal=True, window=(16, 0), q_valid=128, kv_valid=128)
-def test_tile_ranges_cover_every_visible_key_and_skip_the_rest(q_tiles, kv_tiles, bq, bk, causal, window,
-                                                               q_valid, kv_valid):
-    """Brute force: tiles outside [lo, hi) hold no visible (query, key) pair; with full
-    lengths the range is exactly the visible tiles (so masked tiles really are skipped)."""
+@example(q_tiles=3, kv_tiles=4, bq=16, bk=16, causal=False, window=(1, 1), q_valid=128, kv_valid=128, segments=False)
+@example(q_tiles=4, kv_tiles=3, bq=16, bk=32, causal=False, window=(17, 17), q_valid=128, kv_valid=128, segments=False)
+@example(q_tiles=4, kv_tiles=4, bq=32, bk=16, causal=True, window=(16, 0), q_valid=128, kv_valid=128, segments=False)
+def test_tile_ranges_skip_only_invisible_tiles_and_mask_only_partial_ones(
+        q_tiles, kv_tiles, bq, bk, causal, window, q_valid, kv_valid, segments):
+    """Brute force over the tile grid: tiles outside [lo, hi) hold no visible pair, tiles in
+    [full_lo, full_hi) hold only visible pairs; with full lengths and no segment ids both
+    ranges are exact, so every invisible tile is skipped and every full tile is unmasked."""
     q_len, kv_len = q_tiles * bq, kv_tiles * bk
     q_valid, kv_valid = min(q_valid, q_len), min(kv_valid, kv_len)
     left, right = window if window is not None else (None, None)
     if causal:
         right = 0 if right is None else min(right, 0)
-    spec = MaskSpec(scale=1.0, left=left, right=right, soft_cap=None, has_segments=False)
+    spec = MaskSpec(scale=1.0, left=left, right=right, soft_cap=None, has_segments=segments)
     keep = reference_mask(q_len, kv_len, causal=causal, window=window, q_lens=[q_valid], kv_lens=[kv_valid],
-                          q_ids=None, kv_ids=None)[0]
-    visible = keep.reshape(q_tiles, bq, kv_tiles, bk).any(axis=(1, 3))  # [q tile, kv tile]
-    full = q_valid == q_len and kv_valid == kv_len
+                          q_ids=None, kv_ids=None)[0].reshape(q_tiles, bq, kv_tiles, bk)
+    some = keep.any(axis=(1, 3))  # [q tile, kv tile]
+    every = keep.all(axis=(1, 3)) & (not segments)  # segment ids may mask any pair
+    exact = q_valid == q_len and kv_valid == kv_len
+
+    def check(ranges, some, every):
+        lo, full_lo, full_hi, hi = (int(x) for x in ranges)
+        assert lo <= full_lo <= full_hi <= hi
+        tiles = np.arange(len(some))
+        in_range, unmasked = (tiles >= lo) & (tiles < hi), (tiles >= full_lo) & (tiles < full_hi)
+        assert not np.any(some & ~in_range) and not np.any(unmasked & ~every), (lo, full_lo, full_hi, hi)
+        if exact:
+            assert np.array_equal(in_range, some) or (not some.any() and lo == hi)
+            assert np.array_equal(unmasked, every)
+
+    scalars = lambda *xs: (jnp.int32(x) for x in xs)  # noqa: E731
     for i in range(q_tiles):
-        lo, hi = (int(x) for x in kv_block_range(jnp.int32(i * bq), bq, bk, jnp.int32(q_valid), jnp.int32(kv_valid), spec))
-        in_range = (np.arange(kv_tiles) >= lo) & (np.arange(kv_tiles) < hi)
-        assert not np.any(visible[i] & ~in_range), (i, lo, hi)
-        if full:
-            assert np.array_equal(in_range, visible[i]) or not visible[i].any() and lo == hi
+        check(kv_tile_ranges(*scalars(i * bq), bq, bk, *scalars(q_valid, kv_valid), spec), some[i], every[i])
     for j in range(kv_tiles):
-        lo, hi = (int(x) for x in _q_block_range(jnp.int32(j * bk), bk, bq, jnp.int32(q_valid), jnp.int32(kv_valid), spec))
-        in_range = (np.arange(q_tiles) >= lo) & (np.arange(q_tiles) < hi)
-        assert not np.any(visible[:, j] & ~in_range), (j, lo, hi)
-        if full:
-            assert np.array_equal(in_range, visible[:, j]) or not visible[:, j].any() and lo == hi
+        check(q_tile_ranges(*scalars(j * bk), bk, bq, *scalars(q_valid, kv_valid), spec), some[:, j], every[:, j])
 
 
 # ----------------------------------------------------------------------------- support and bad input

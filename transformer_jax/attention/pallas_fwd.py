@@ -38,18 +38,22 @@ class MaskSpec:
     has_segments: bool
 
 
-def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: MaskSpec):
-    """Masked logits of one tile, in log2 units.
+def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: MaskSpec, masked: bool):
+    """Logits of one tile, in log2 units.
 
     q: [bq, d], k: [bk, d] (input dtype); q_start/k_start: first positions of the tile;
-    q_seg [bq] / kv_seg [bk]: int32 ids or None. Returns (s2, t): s2 [bq, bk] float32 with
+    q_seg [bq] / kv_seg [bk]: int32 ids or None. `masked=False` is for tiles known to be
+    fully visible, where the mask would be all True. Returns (s2, t): s2 [bq, bk] float32,
     -inf where masked, and t = tanh(logits / cap) (for the soft-cap derivative) or None.
     """
-    s = plgpu.dot(q, k, trans_b=True) * spec.scale
-    t = None
-    if spec.soft_cap is not None:
-        t = jnp.tanh(s / spec.soft_cap)
-        s = spec.soft_cap * t
+    if spec.soft_cap is None:
+        s = plgpu.dot(q, k, trans_b=True) * (spec.scale * LOG2_E)
+        t = None
+    else:
+        t = jnp.tanh(plgpu.dot(q, k, trans_b=True) * (spec.scale / spec.soft_cap))
+        s = t * (spec.soft_cap * LOG2_E)
+    if not masked:
+        return s, t
     q_pos = (q_start + jnp.arange(q.shape[0]))[:, None]
     k_pos = (k_start + jnp.arange(k.shape[0]))[None, :]
     mask = (q_pos < q_len) & (k_pos < kv_len)
@@ -59,7 +63,7 @@ def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: Mask
         mask &= k_pos <= q_pos + spec.right
     if spec.has_segments:
         mask &= q_seg[:, None] == kv_seg[None, :]
-    return jnp.where(mask, s * LOG2_E, -jnp.inf), t
+    return jnp.where(mask, s, -jnp.inf), t
 
 
 def cdiv(a, b: int):
@@ -67,20 +71,41 @@ def cdiv(a, b: int):
     return lax.div(a + (b - 1), b)
 
 
-def kv_block_range(q_start, block_q: int, block_k: int, q_len, kv_len, spec: MaskSpec):
-    """[lo, hi) of the key tiles that a query tile [q_start, q_start + block_q) can see.
+def kv_tile_ranges(q_start, block_q: int, block_k: int, q_len, kv_len, spec: MaskSpec):
+    """Key tiles for the query tile [q_start, q_start + block_q): (lo, full_lo, full_hi, hi).
 
-    Tiles outside the window / causal band, past kv_len, or all tiles when the whole query
-    tile is past q_len, are skipped; tiles that are only partly visible are masked.
+    Tiles outside [lo, hi) hold no visible key and are skipped (the causal / window band,
+    keys past kv_len, everything when the query tile is past q_len). Tiles in
+    [full_lo, full_hi) are visible to every query of the tile and skip the mask.
     """
-    lo = jnp.int32(0)
-    hi = cdiv(kv_len, block_k)
-    if spec.left is not None:
+    lo, hi, full_hi = jnp.int32(0), cdiv(kv_len, block_k), lax.div(kv_len, block_k)
+    full_lo = lo
+    if spec.left is not None:  # keys j >= i - left
         lo = lax.div(jnp.maximum(q_start - spec.left, 0), block_k)
-    if spec.right is not None:
+        full_lo = cdiv(jnp.maximum(q_start + block_q - 1 - spec.left, 0), block_k)
+    if spec.right is not None:  # keys j <= i + right
         hi = jnp.minimum(hi, cdiv(jnp.maximum(q_start + block_q + spec.right, 0), block_k))
+        full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(q_start + spec.right + 1, 0), block_k))
     hi = jnp.where(q_start < q_len, hi, lo)
-    return lo, jnp.maximum(lo, hi)
+    if spec.has_segments:  # ids can mask any pair
+        full_hi = lo
+    full_hi = jnp.where(q_start + block_q <= q_len, full_hi, lo)  # rows past q_len need the mask
+    return clamp_ranges(lo, full_lo, full_hi, hi)
+
+
+def clamp_ranges(lo, full_lo, full_hi, hi):
+    """Clamps the bounds into lo <= full_lo <= full_hi <= hi (an empty middle if need be)."""
+    hi = jnp.maximum(lo, hi)
+    full_lo = jnp.clip(full_lo, lo, hi)
+    return lo, full_lo, jnp.clip(full_hi, full_lo, hi), hi
+
+
+def tile_loop(ranges, body, carry):
+    """Runs body(tile, carry, masked=...) over [lo, hi): masked at the edges, unmasked inside."""
+    lo, full_lo, full_hi, hi = ranges
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
 def _forward_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref,
@@ -91,13 +116,13 @@ def _forward_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref
     q = q_ref[...]
     q_seg = q_seg_ref[...] if spec.has_segments else None
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         k_start = j * block_k
         k = k_ref[pl.ds(k_start, block_k), :]
         v = v_ref[pl.ds(k_start, block_k), :]
         kv_seg = kv_seg_ref[pl.ds(k_start, block_k)] if spec.has_segments else None
-        s, _ = tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec)
+        s, _ = tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec, masked)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         # A row with nothing visible yet keeps m = -inf; shift by 0 there so that
         # exp2(-inf - (-inf)) never produces a NaN.
@@ -108,13 +133,13 @@ def _forward_kernel(q_lens_ref, kv_lens_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref
         acc = alpha[:, None] * acc + plgpu.dot(p.astype(v.dtype), v)
         return acc, m_new, l
 
-    lo, hi = kv_block_range(q_start, block_q, block_k, q_len, kv_len, spec)
+    ranges = kv_tile_ranges(q_start, block_q, block_k, q_len, kv_len, spec)
     init = (
         jnp.zeros(q_ref.shape, jnp.float32),
         jnp.full((block_q,), -jnp.inf, jnp.float32),
         jnp.zeros((block_q,), jnp.float32),
     )
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    acc, m, l = tile_loop(ranges, body, init)
     empty = l == 0.0  # fully masked rows: output 0, lse +inf so the backward sees p = 0
     o_ref[...] = (acc / jnp.where(empty, 1.0, l)[:, None]).astype(o_ref.dtype)
     lse_ref[...] = jnp.where(empty, jnp.inf, m + jnp.log2(jnp.where(empty, 1.0, l)))
