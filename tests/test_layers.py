@@ -1,0 +1,205 @@
+"""Layers against float64 NumPy references: positions, cache writes, MLP, norms, attention."""
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from transformer_jax.config import get_config
+from transformer_jax.layers import (
+    FeedForward,
+    MultiHeadAttention,
+    apply_rotary,
+    make_norm,
+    padding_positions,
+    segment_positions,
+    sinusoidal_encoding,
+    write_cache,
+)
+
+LOGICAL_NAMES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", None}
+
+
+def init_params(module, key, *args, scale=0.3, **kwargs):
+    """Unboxed params with every leaf redrawn from normal(scale): large enough that the
+    comparisons below test something (the 0.02 init makes layers nearly linear)."""
+    params = nn.unbox(jax.eval_shape(module.init, key, *args, **kwargs)["params"])
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+
+
+def np64(tree):
+    return jax.tree.map(lambda x: np.asarray(x, np.float64), tree)
+
+
+def test_sinusoidal_matches_formula():
+    rng = np.random.default_rng(0)
+    positions = rng.integers(0, 100, size=(3, 7))
+    features = 10
+    expected = np.zeros((3, 7, features))
+    for idx in np.ndindex(3, 7):
+        p = positions[idx]
+        for i in range(features // 2):
+            expected[idx + (2 * i,)] = math.sin(p / 10000 ** (2 * i / features))
+            expected[idx + (2 * i + 1,)] = math.cos(p / 10000 ** (2 * i / features))
+    got = sinusoidal_encoding(jnp.asarray(positions), features)
+    assert got.dtype == jnp.float32 and got.shape == (3, 7, features)
+    # float32 angles up to 100 rad: absolute error ~ 100 * 2**-24.
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def rotary_reference(x, positions, base=10000.0):
+    """RoPE as a complex rotation of feature pairs (i, i + half)."""
+    half = x.shape[-1] // 2
+    theta = base ** (-np.arange(half) / half)
+    z = x[..., :half] + 1j * x[..., half:]
+    z = z * np.exp(1j * positions[:, :, None, None] * theta)
+    return np.concatenate([z.real, z.imag], axis=-1)
+
+
+def test_rotary_matches_complex_rotation_and_is_relative():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(2, 5, 3, 8))
+    positions = rng.integers(0, 50, size=(2, 5))
+    got = apply_rotary(jnp.asarray(x, jnp.float32), jnp.asarray(positions))
+    np.testing.assert_allclose(got, rotary_reference(x, positions), atol=2e-5)
+    # <rot(q, m), rot(k, n)> depends only on m - n.
+    q, k = rng.normal(size=(2, 1, 1, 1, 8))
+    def score(m, n):
+        rq = apply_rotary(jnp.asarray(q, jnp.float32), jnp.array([[m]]))
+        rk = apply_rotary(jnp.asarray(k, jnp.float32), jnp.array([[n]]))
+        return float(jnp.sum(rq * rk))
+    assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-5)
+    assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
+
+
+def test_segment_and_padding_positions_brute_force():
+    rng = np.random.default_rng(2)
+    segments = np.sort(rng.integers(0, 4, size=(3, 11)), axis=1)
+    expected = np.zeros_like(segments)
+    for b in range(3):
+        for t in range(1, 11):
+            expected[b, t] = expected[b, t - 1] + 1 if segments[b, t] == segments[b, t - 1] else 0
+    np.testing.assert_array_equal(segment_positions(jnp.asarray(segments)), expected)
+
+    mask = rng.random((3, 11)) < 0.6
+    got = np.asarray(padding_positions(jnp.asarray(mask)))
+    for b in range(3):
+        np.testing.assert_array_equal(got[b][mask[b]], np.arange(mask[b].sum()))
+
+
+def test_write_cache_scatters_valid_and_drops_the_rest():
+    rng = np.random.default_rng(3)
+    cache = rng.normal(size=(3, 6, 2)).astype(np.float32)
+    new = rng.normal(size=(3, 4, 2)).astype(np.float32)
+    starts = np.array([0, 3, 4])
+    positions = starts[:, None] + np.arange(4)
+    valid = np.arange(4)[None] < np.array([4, 2, 4])[:, None]
+    expected = cache.copy()
+    for b in range(3):
+        for j in range(4):
+            if valid[b, j] and positions[b, j] < 6:
+                expected[b, positions[b, j]] = new[b, j]
+    got = write_cache(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(positions), jnp.asarray(valid))
+    # Row 2 overflows (positions 6, 7): dropped, not clamped onto slots 4, 5.
+    np.testing.assert_array_equal(got, expected)
+
+
+def gelu_tanh(x):
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_feedforward_matches_numpy(activation):
+    cfg = get_config("tiny", activation=activation)
+    x = jax.random.normal(jax.random.key(4), (2, 3, cfg.d_model))
+    module = FeedForward(cfg)
+    params = init_params(module, jax.random.key(5), x)
+    p, xn = np64(params), np.asarray(x, np.float64)
+    hidden = xn @ p["wi"]["kernel"] + p["wi"]["bias"]
+    if activation == "swiglu":
+        gate = xn @ p["wg"]["kernel"] + p["wg"]["bias"]
+        hidden = gate / (1 + np.exp(-gate)) * hidden
+    else:
+        hidden = np.maximum(hidden, 0) if activation == "relu" else gelu_tanh(hidden)
+    expected = hidden @ p["wo"]["kernel"] + p["wo"]["bias"]
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_norms_match_numpy(norm):
+    cfg = get_config("tiny", norm=norm, layer_norm_eps=1e-5)
+    x = 3.0 + jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
+    module = make_norm(cfg)
+    params = np64(init_params(module, jax.random.key(7), x))
+    xn = np.asarray(x, np.float64)
+    if norm == "layernorm":
+        centred = xn - xn.mean(-1, keepdims=True)
+        expected = centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * params["scale"] + params["bias"]
+    else:
+        expected = xn / np.sqrt((xn**2).mean(-1, keepdims=True) + 1e-5) * params["scale"]
+    np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x), expected, rtol=1e-4, atol=1e-5)
+
+
+def attention_reference(p, xq, xkv, cfg, mask, rotary_positions=None):
+    """Multi-head attention in float64: projections, GQA by repeating kv heads, softmax."""
+    q = np.einsum("btd,dhk->bthk", xq, p["query"]["kernel"]) + p["query"]["bias"]
+    k = np.einsum("bsd,dhk->bshk", xkv, p["key"]["kernel"]) + p["key"]["bias"]
+    v = np.einsum("bsd,dhk->bshk", xkv, p["value"]["kernel"]) + p["value"]["bias"]
+    if rotary_positions is not None:
+        q, k = rotary_reference(q, rotary_positions), rotary_reference(k, rotary_positions)
+    group = cfg.num_heads // cfg.kv_heads
+    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
+    logits = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(cfg.head_dim)
+    logits = np.where(mask, logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    out = np.einsum("bhts,bshk->bthk", probs, v)
+    return np.einsum("bthk,hkd->btd", out, p["out"]["kernel"]) + p["out"]["bias"]
+
+
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+def test_causal_gqa_self_attention_matches_numpy(pos_encoding):
+    cfg = get_config("tiny", num_kv_heads=2, pos_encoding=pos_encoding)
+    b, t = 2, 6
+    x = jax.random.normal(jax.random.key(8), (b, t, cfg.d_model))
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    module = MultiHeadAttention(cfg, causal=True)
+    params = init_params(module, jax.random.key(9), x, positions=positions)
+    got = jax.jit(module.apply)({"params": params}, x, positions=positions)
+    causal = np.tril(np.ones((t, t), bool))[None, None]
+    rotary = np.asarray(positions) if pos_encoding == "rotary" else None
+    xn = np.asarray(x, np.float64)
+    expected = attention_reference(np64(params), xn, xn, cfg, causal, rotary)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cross_attention_with_padding_mask_matches_numpy():
+    cfg = get_config("tiny")
+    b, t, s = 2, 3, 5
+    xq = jax.random.normal(jax.random.key(10), (b, t, cfg.d_model))
+    xkv = jax.random.normal(jax.random.key(11), (b, s, cfg.d_model))
+    pad = jnp.array([[True] * 5, [True, True, False, True, False]])
+    module = MultiHeadAttention(cfg)
+    params = init_params(module, jax.random.key(12), xq, xkv)
+    got = jax.jit(module.apply)({"params": params}, xq, xkv, mask=pad[:, None, None, :])
+    expected = attention_reference(
+        np64(params), np.asarray(xq, np.float64), np.asarray(xkv, np.float64), cfg,
+        np.asarray(pad)[:, None, None, :],
+    )
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_parameters_carry_logical_axis_names():
+    cfg = get_config("tiny", activation="swiglu", num_kv_heads=2)
+    x = jnp.zeros((1, 2, cfg.d_model))
+    for module, args in [(MultiHeadAttention(cfg), (x,)), (FeedForward(cfg), (x,)), (make_norm(cfg), (x,))]:
+        boxed = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
+        leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
+        assert leaves
+        for leaf in leaves:
+            assert isinstance(leaf, nn.LogicallyPartitioned)
+            assert len(leaf.names) == len(leaf.value.shape) and set(leaf.names) <= LOGICAL_NAMES
