@@ -199,6 +199,32 @@ def test_bfloat16_uses_float32_statistics():
         assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
 
 
+@pytest.mark.parametrize("name", ["everything", "plain-table-tiles"])
+def test_kernels_lower_to_triton_for_cuda(name):
+    """No GPU needed: lowering for CUDA runs the Pallas->Triton lowering of all three kernels
+    (power-of-two tile shapes, supported primitives) on the real tile table."""
+    case = dataclasses.replace(CASES[name], tiles=None)
+    batch = 2
+    shape = lambda length, heads: jax.ShapeDtypeStruct((batch, length, heads, case.head_dim), jnp.bfloat16)  # noqa: E731
+    ids = lambda length: jax.ShapeDtypeStruct((batch, length), jnp.int32)  # noqa: E731
+
+    def loss(q, k, v, lengths, q_ids, kv_ids):
+        out = pallas_gpu.attention(
+            q, k, v, scale=0.1, is_causal=case.causal, query_seq_lengths=lengths if case.lengths else None,
+            key_value_seq_lengths=None, segment_ids=(q_ids, kv_ids) if case.segments else None,
+            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=None, interpret=False,
+        )
+        return jnp.sum(out.astype(jnp.float32))
+
+    args = (shape(300, case.heads), shape(280, case.kv_heads), shape(280, case.kv_heads),
+            jax.ShapeDtypeStruct((batch,), jnp.int32), ids(300), ids(280))
+    lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(*args).lower(lowering_platforms=("cuda",))
+    text = lowered.as_text()
+    assert text.count("xla.gpu.triton") == 3  # forward, dK/dV, dQ
+    for kernel in ("flash_attention_forward", "flash_attention_dkdv", "flash_attention_dq"):
+        assert kernel in text
+
+
 # ----------------------------------------------------------------------------- tile skipping
 @settings(max_examples=60, deadline=None, derandomize=True)
 @given(
