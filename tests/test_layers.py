@@ -22,13 +22,17 @@ from transformer_jax.layers import (
 LOGICAL_NAMES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", None}
 
 
-def init_params(module, key, *args, scale=0.3, **kwargs):
-    """Unboxed params with every leaf redrawn from normal(scale): large enough that the
-    comparisons below test something (the 0.02 init makes layers nearly linear)."""
-    params = nn.unbox(jax.eval_shape(module.init, key, *args, **kwargs)["params"])
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    return jax.tree.unflatten(tree, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
+def init_params(module, seed, *args, scale=0.3, **kwargs):
+    """Random params with the module's shapes, drawn from normal(scale) in NumPy: large
+    enough that the comparisons below test something (the 0.02 init is nearly linear),
+    and no per-leaf jax.random compilations."""
+    shapes = nn.unbox(jax.eval_shape(module.init, jax.random.key(0), *args, **kwargs)["params"])
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (scale * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
+def normal(seed, shape, loc=0.0):
+    return (loc + np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 
 
 def np64(tree):
@@ -45,7 +49,7 @@ def test_sinusoidal_matches_formula():
         for i in range(features // 2):
             expected[idx + (2 * i,)] = math.sin(p / 10000 ** (2 * i / features))
             expected[idx + (2 * i + 1,)] = math.cos(p / 10000 ** (2 * i / features))
-    got = sinusoidal_encoding(jnp.asarray(positions), features)
+    got = jax.jit(sinusoidal_encoding, static_argnums=1)(positions, features)
     assert got.dtype == jnp.float32 and got.shape == (3, 7, features)
     # float32 angles up to 100 rad: absolute error ~ 100 * 2**-24.
     np.testing.assert_allclose(got, expected, atol=1e-5)
@@ -64,14 +68,15 @@ def test_rotary_matches_complex_rotation_and_is_relative():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(2, 5, 3, 8))
     positions = rng.integers(0, 50, size=(2, 5))
-    got = apply_rotary(jnp.asarray(x, jnp.float32), jnp.asarray(positions))
+    rotate = jax.jit(apply_rotary)
+    got = rotate(x.astype(np.float32), positions)
     np.testing.assert_allclose(got, rotary_reference(x, positions), atol=2e-5)
     # <rot(q, m), rot(k, n)> depends only on m - n.
     q, k = rng.normal(size=(2, 1, 1, 1, 8))
     def score(m, n):
-        rq = apply_rotary(jnp.asarray(q, jnp.float32), jnp.array([[m]]))
-        rk = apply_rotary(jnp.asarray(k, jnp.float32), jnp.array([[n]]))
-        return float(jnp.sum(rq * rk))
+        rq = rotate(q.astype(np.float32), np.array([[m]]))
+        rk = rotate(k.astype(np.float32), np.array([[n]]))
+        return float(np.sum(np.asarray(rq) * np.asarray(rk)))
     assert score(7, 3) == pytest.approx(score(24, 20), abs=1e-5)
     assert score(7, 3) != pytest.approx(score(7, 4), abs=1e-3)
 
@@ -83,10 +88,10 @@ def test_segment_and_padding_positions_brute_force():
     for b in range(3):
         for t in range(1, 11):
             expected[b, t] = expected[b, t - 1] + 1 if segments[b, t] == segments[b, t - 1] else 0
-    np.testing.assert_array_equal(segment_positions(jnp.asarray(segments)), expected)
+    np.testing.assert_array_equal(jax.jit(segment_positions)(segments), expected)
 
     mask = rng.random((3, 11)) < 0.6
-    got = np.asarray(padding_positions(jnp.asarray(mask)))
+    got = np.asarray(jax.jit(padding_positions)(mask))
     for b in range(3):
         np.testing.assert_array_equal(got[b][mask[b]], np.arange(mask[b].sum()))
 
@@ -103,7 +108,7 @@ def test_write_cache_scatters_valid_and_drops_the_rest():
         for j in range(4):
             if valid[b, j] and positions[b, j] < 6:
                 expected[b, positions[b, j]] = new[b, j]
-    got = write_cache(jnp.asarray(cache), jnp.asarray(new), jnp.asarray(positions), jnp.asarray(valid))
+    got = jax.jit(write_cache)(cache, new, positions, valid)
     # Row 2 overflows (positions 6, 7): dropped, not clamped onto slots 4, 5.
     np.testing.assert_array_equal(got, expected)
 
@@ -115,9 +120,9 @@ def gelu_tanh(x):
 @pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
 def test_feedforward_matches_numpy(activation):
     cfg = get_config("tiny", activation=activation)
-    x = jax.random.normal(jax.random.key(4), (2, 3, cfg.d_model))
+    x = normal(4, (2, 3, cfg.d_model))
     module = FeedForward(cfg)
-    params = init_params(module, jax.random.key(5), x)
+    params = init_params(module, 5, x)
     p, xn = np64(params), np.asarray(x, np.float64)
     hidden = xn @ p["wi"]["kernel"] + p["wi"]["bias"]
     if activation == "swiglu":
@@ -132,9 +137,9 @@ def test_feedforward_matches_numpy(activation):
 @pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
 def test_norms_match_numpy(norm):
     cfg = get_config("tiny", norm=norm, layer_norm_eps=1e-5)
-    x = 3.0 + jax.random.normal(jax.random.key(6), (2, 3, cfg.d_model))
+    x = normal(6, (2, 3, cfg.d_model), loc=3.0)
     module = make_norm(cfg)
-    params = np64(init_params(module, jax.random.key(7), x))
+    params = np64(init_params(module, 7, x))
     xn = np.asarray(x, np.float64)
     if norm == "layernorm":
         centred = xn - xn.mean(-1, keepdims=True)
@@ -165,10 +170,10 @@ def attention_reference(p, xq, xkv, cfg, mask, rotary_positions=None):
 def test_causal_gqa_self_attention_matches_numpy(pos_encoding):
     cfg = get_config("tiny", num_kv_heads=2, pos_encoding=pos_encoding)
     b, t = 2, 6
-    x = jax.random.normal(jax.random.key(8), (b, t, cfg.d_model))
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    x = normal(8, (b, t, cfg.d_model))
+    positions = np.broadcast_to(np.arange(t), (b, t))
     module = MultiHeadAttention(cfg, causal=True)
-    params = init_params(module, jax.random.key(9), x, positions=positions)
+    params = init_params(module, 9, x, positions=positions)
     got = jax.jit(module.apply)({"params": params}, x, positions=positions)
     causal = np.tril(np.ones((t, t), bool))[None, None]
     rotary = np.asarray(positions) if pos_encoding == "rotary" else None
@@ -180,11 +185,11 @@ def test_causal_gqa_self_attention_matches_numpy(pos_encoding):
 def test_cross_attention_with_padding_mask_matches_numpy():
     cfg = get_config("tiny")
     b, t, s = 2, 3, 5
-    xq = jax.random.normal(jax.random.key(10), (b, t, cfg.d_model))
-    xkv = jax.random.normal(jax.random.key(11), (b, s, cfg.d_model))
-    pad = jnp.array([[True] * 5, [True, True, False, True, False]])
+    xq = normal(10, (b, t, cfg.d_model))
+    xkv = normal(11, (b, s, cfg.d_model))
+    pad = np.array([[True] * 5, [True, True, False, True, False]])
     module = MultiHeadAttention(cfg)
-    params = init_params(module, jax.random.key(12), xq, xkv)
+    params = init_params(module, 12, xq, xkv)
     got = jax.jit(module.apply)({"params": params}, xq, xkv, mask=pad[:, None, None, :])
     expected = attention_reference(
         np64(params), np.asarray(xq, np.float64), np.asarray(xkv, np.float64), cfg,
@@ -195,7 +200,7 @@ def test_cross_attention_with_padding_mask_matches_numpy():
 
 def test_parameters_carry_logical_axis_names():
     cfg = get_config("tiny", activation="swiglu", num_kv_heads=2)
-    x = jnp.zeros((1, 2, cfg.d_model))
+    x = jax.ShapeDtypeStruct((1, 2, cfg.d_model), jnp.float32)
     for module, args in [(MultiHeadAttention(cfg), (x,)), (FeedForward(cfg), (x,)), (make_norm(cfg), (x,))]:
         boxed = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
