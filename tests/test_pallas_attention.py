@@ -18,7 +18,7 @@ from hypothesis import example, given, settings
 from transformer_jax.attention import pallas_gpu
 from transformer_jax.attention.pallas_bwd import q_tile_ranges
 from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
-from transformer_jax.attention.pallas_tuning import BlockSizes, default_block_sizes
+from transformer_jax.attention.pallas_tuning import BlockSizes, candidates, default_block_sizes
 
 TILES = BlockSizes(16, 16, 16, 16, 16, 16)
 
@@ -313,3 +313,11 @@ def test_table_has_every_supported_head_dim_on_both_generations():
             assert isinstance(default_block_sizes(head_dim, generation), BlockSizes)
     with pytest.raises(ValueError, match="head_dim"):
         default_block_sizes(96, "sm90")
+    sweep = candidates(128, "sm90")
+    table = default_block_sizes(128, "sm90")
+    assert table in sweep["forward"] and table in sweep["backward"]
+    # each list varies only its own pass's fields
+    assert {(c.block_q_dkv, c.block_q_dq, c.num_warps_bwd) for c in sweep["forward"]} == {
+        (table.block_q_dkv, table.block_q_dq, table.num_warps_bwd)}
+    assert {(c.block_q, c.block_k, c.num_stages) for c in sweep["backward"]} == {
+        (table.block_q, table.block_k, table.num_stages)}

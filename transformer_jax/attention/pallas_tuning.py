@@ -94,3 +94,26 @@ def default_block_sizes(head_dim: int, generation: str | None = None) -> BlockSi
             f"head_dim={head_dim}, generation={generation!r}: the Pallas attention kernel "
             f"supports head dims {SUPPORTED_HEAD_DIMS} on generations ('sm80', 'sm90')"
         ) from None
+
+
+def candidates(head_dim: int, generation: str | None = None) -> dict[str, list[BlockSizes]]:
+    """The sweep a tuning run times on a GPU, starting from the table entry.
+
+    Returns {"forward": [...], "backward": [...]}: the forward list varies only the forward
+    fields and the backward list only the backward ones, since each pass's time depends on
+    its own fields alone; tune each, then combine the two winners into the table entry.
+    Configurations that exceed shared memory fail to compile; a tuner should skip them.
+    """
+    base = default_block_sizes(head_dim, generation)
+    forward = [
+        dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
+        for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
+    ]
+    backward = [
+        dataclasses.replace(base, block_q_dkv=q1, block_k_dkv=k1, block_q_dq=q2, block_k_dq=k2,
+                            num_warps_bwd=w, num_stages_bwd=s)
+        for q1, k1 in ((32, 64), (32, 128), (64, 64), (64, 128))
+        for q2, k2 in ((64, 32), (128, 32), (64, 64), (128, 64))
+        for w in (4, 8) for s in (1, 2, 3)
+    ]
+    return {"forward": forward, "backward": backward}
