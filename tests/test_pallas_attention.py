@@ -199,13 +199,13 @@ def test_bfloat16_uses_float32_statistics():
         assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
 
 
-@pytest.mark.parametrize("name", ["everything", "plain-table-tiles"])
-def test_kernels_lower_to_triton_for_cuda(name):
+@pytest.mark.parametrize("name, dtype", [("everything", jnp.bfloat16), ("plain-table-tiles", jnp.float16)])
+def test_kernels_lower_to_triton_for_cuda(name, dtype):
     """No GPU needed: lowering for CUDA runs the Pallas->Triton lowering of all three kernels
     (power-of-two tile shapes, supported primitives) on the real tile table."""
     case = dataclasses.replace(CASES[name], tiles=None)
     batch = 2
-    shape = lambda length, heads: jax.ShapeDtypeStruct((batch, length, heads, case.head_dim), jnp.bfloat16)  # noqa: E731
+    shape = lambda length, heads: jax.ShapeDtypeStruct((batch, length, heads, case.head_dim), dtype)  # noqa: E731
     ids = lambda length: jax.ShapeDtypeStruct((batch, length), jnp.int32)  # noqa: E731
 
     def loss(q, k, v, lengths, q_ids, kv_ids):

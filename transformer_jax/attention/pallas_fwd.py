@@ -1,5 +1,6 @@
-"""Forward flash-attention kernel in Pallas (Triton lowering), and the tile logits it shares
-with the backward pass.
+"""Forward flash-attention kernel in Pallas (Triton lowering), and the tile machinery the
+backward reuses: the logits of a tile (`tile_logits`), which tiles a program visits and
+which of them need the mask (`kv_tile_ranges`, `tile_loop`).
 
 Inputs arrive padded: sequence lengths are multiples of every tile, and per-batch lengths
 (`q_lens`, `kv_lens`) mark the real positions, so loads never go out of bounds and padding
