@@ -199,6 +199,26 @@ def test_bfloat16_uses_float32_statistics():
         assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
 
 
+def test_vmap_over_an_extra_leading_axis():
+    """jax.vmap adds a grid axis to the kernels; each slice must still match the reference."""
+    case = CASES["causal-gqa-lengths"]
+    stacked = [make_inputs(case, jnp.float32, seed) for seed in (11, 12)]
+    tensors = [jnp.stack(parts) for parts in zip(*(t for t, _ in stacked))]
+    lengths = [jnp.stack(parts) for parts in zip(*(m[:2] for _, m in stacked))]
+
+    def attend(q, k, v, q_lens, kv_lens):
+        return pallas_gpu.attention(
+            q, k, v, scale=case.head_dim**-0.5, is_causal=True, query_seq_lengths=q_lens,
+            key_value_seq_lengths=kv_lens, segment_ids=None, local_window_size=None,
+            logits_soft_cap=None, block_sizes=TILES, interpret=True,
+        )
+
+    out = jax.jit(jax.vmap(attend))(*tensors[:3], *lengths)
+    for index, (slice_tensors, slice_masking) in enumerate(stacked):
+        _, want, _ = expected(case, *slice_tensors, *slice_masking)
+        np.testing.assert_allclose(out[index], want, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name, dtype", [("everything", jnp.bfloat16), ("plain-table-tiles", jnp.float16)])
 def test_kernels_lower_to_triton_for_cuda(name, dtype):
     """No GPU needed: lowering for CUDA runs the Pallas->Triton lowering of all three kernels
