@@ -229,3 +229,82 @@ def test_initialize_distributed_validates_environment(fake_initialize, monkeypat
     monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
     with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two': expected an integer"):
         sharding.initialize_distributed()
+
+
+# ------------------------------------------------------------- sharded training runs
+# A tiny DecoderLM (tests/distributed_worker.py) trained with training.make_train_step
+# under jit with explicit in/out shardings; every mesh must reproduce one device.
+
+import distributed_worker as worker  # noqa: E402  (tests/ is on sys.path under pytest)
+
+from transformer_jax import checkpoint  # noqa: E402
+
+STEPS = 3
+# Adam turns rounding differences of near-zero gradients (other reduction orders on
+# other meshes) into update differences of a fraction of the learning rate (3e-3).
+PARAM_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def one_device_run():
+    batches = worker.batches(STEPS)
+    state, losses = worker.train(sharding.make_mesh(devices=jax.devices()[:1]), batches)
+    return batches, jax.device_get(state.params), losses
+
+
+def _query_kernel_spec(tree):
+    [spec] = [leaf.spec for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+              if "query" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['kernel']")
+              and "opt_state" not in jax.tree_util.keystr(path)]
+    return spec
+
+
+@pytest.mark.parametrize("spec", ["data=8", "data=2,fsdp=2,tensor=2", "fsdp=2,tensor=4"])
+def test_sharded_training_matches_one_device(one_device_run, spec):
+    batches, ref_params, ref_losses = one_device_run
+    mesh = sharding.make_mesh(spec)
+    state, losses = worker.train(mesh, batches)
+
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), b, atol=PARAM_ATOL), state.params, ref_params)
+
+    # Parameters and optimizer state live where the rules say ...
+    shardings, _, _ = worker.compiled(mesh)
+    assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state, shardings))
+    assert _query_kernel_spec(shardings) == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    # ... and each device really holds only its part of every split array.
+    def split_leaves(tree):
+        split = []
+        for array in jax.tree.leaves(tree):
+            local = list(array.shape)
+            for dim, entry in enumerate(array.sharding.spec):
+                for axis in sharding._mesh_axes_of(entry):
+                    local[dim] //= mesh.shape[axis]
+            assert all(shard.data.shape == tuple(local) for shard in array.addressable_shards)
+            split += [array] if tuple(local) != array.shape else []
+        return split
+
+    num_params = len(jax.tree.leaves(state.params))
+    if mesh.shape["fsdp"] > 1 and mesh.shape["tensor"] > 1:
+        # Every parameter has an embed, heads, mlp or vocab axis, so all are split,
+        # and so are both Adam moments of each.
+        assert len(split_leaves(state.params)) == num_params
+        assert len(split_leaves(state.opt_state)) == 2 * num_params
+    else:
+        assert split_leaves(state) == []
+
+
+def test_checkpoint_from_8_devices_restores_on_1_and_4(one_device_run, tmp_path):
+    batches, _, ref_losses = one_device_run
+    state, _ = worker.train(sharding.make_mesh("data=2,fsdp=2,tensor=2"), batches[:2])
+    with checkpoint.Checkpointer(str(tmp_path), async_save=False) as ckpt:
+        ckpt.save(2, state)
+    abstract = jax.eval_shape(lambda: worker._init(True))
+    for mesh in (sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh("fsdp=2,tensor=2", jax.devices()[:4])):
+        shardings, _, _ = worker.compiled(mesh)
+        with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
+            restored = ckpt.restore(checkpoint.abstract_state(abstract, shardings))
+        assert int(restored.step) == 2
+        assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), restored, shardings))
+        _, losses = worker.train(mesh, batches[2:], restored)
+        np.testing.assert_allclose(losses, ref_losses[2:], rtol=1e-5)

@@ -16,10 +16,11 @@ processes of a multi-host run.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -195,6 +196,18 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
     shape = tuple(sizes[name] for name in MESH_AXES)
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
+    """Make `mesh` and the logical-axis `rules` current, so the models'
+    `nn.with_logical_constraint` activation annotations become sharding constraints.
+
+    Call (and so trace) the jitted step inside it; outside, those annotations are
+    no-ops and GSPMD infers activation shardings from the parameters and batch alone.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh
 
 
 # --------------------------------------------------------------------------- shardings
