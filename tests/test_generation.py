@@ -49,15 +49,16 @@ def softmax64(x):
     return np.exp(log_softmax64(x))
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "eos_id", "strategy", "top_k"))
-def run_decode(table, contexts, rng, temperature, top_p, *, max_new_tokens, eos_id, strategy,
-               top_k=None):
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "eos_id"))
+def run_decode(table, contexts, rng=None, temperature=1.0, top_k=VOCAB, top_p=1.0, *,
+               max_new_tokens, eos_id):
+    """Greedy decoding when rng is None, else sampling (top_k=VOCAB, top_p=1 filter
+    nothing, so every sampling test shares a compilation)."""
     cache, logits = trigram_start(table, contexts)
-    if strategy == "greedy":
+    if rng is None:
         select = loop.greedy_select
     else:
-        select = loop.sampling_select(rng, temperature=temperature, top_k=top_k,
-                                      top_p=None if strategy == "sample" else top_p)
+        select = loop.sampling_select(rng, temperature=temperature, top_k=top_k, top_p=top_p)
     step = functools.partial(trigram_step, jnp.asarray(table))
     return loop.decode(step, cache, logits, select, max_new_tokens=max_new_tokens,
                        eos_id=eos_id, pad_id=PAD)
@@ -130,8 +131,7 @@ def padded(tokens, width):
 def test_greedy_matches_python_loop_and_stops_at_eos():
     table = trigram_table(1)
     contexts = np.array(list(itertools.product(range(VOCAB), repeat=2)), np.int32)
-    out = run_decode(table, contexts, None, 1.0, None, max_new_tokens=6, eos_id=EOS,
-                     strategy="greedy")
+    out = run_decode(table, contexts, max_new_tokens=6, eos_id=EOS)
     assert out.tokens.shape == (len(contexts), 6) and out.tokens.dtype == jnp.int32
     finished_early = 0
     for row, context in enumerate(contexts):
@@ -146,10 +146,9 @@ def test_greedy_matches_python_loop_and_stops_at_eos():
 def test_top_k_one_sampling_equals_greedy():
     table = trigram_table(2)
     contexts = np.array(list(itertools.product(range(VOCAB), repeat=2)), np.int32)
-    greedy = run_decode(table, contexts, None, 1.0, None, max_new_tokens=6, eos_id=EOS,
-                        strategy="greedy")
-    sampled = run_decode(table, contexts, jax.random.key(3), 1.7, None, max_new_tokens=6,
-                         eos_id=EOS, strategy="sample", top_k=1)
+    greedy = run_decode(table, contexts, max_new_tokens=6, eos_id=EOS)
+    sampled = run_decode(table, contexts, jax.random.key(3), temperature=1.7, top_k=1,
+                         max_new_tokens=6, eos_id=EOS)
     np.testing.assert_array_equal(sampled.tokens, greedy.tokens)
     np.testing.assert_array_equal(sampled.lengths, greedy.lengths)
 
@@ -173,9 +172,8 @@ def test_sampled_pairs_follow_the_renormalised_distribution(temperature, top_k, 
     table = trigram_table(4, scale=1.0)
     context = (1, 2)
     contexts = np.tile(np.array([context], np.int32), (20000, 1))
-    strategy = "sample" if top_p is None else "sample_top_p"
-    out = run_decode(table, contexts, jax.random.key(5), temperature, top_p,
-                     max_new_tokens=2, eos_id=None, strategy=strategy, top_k=top_k)
+    out = run_decode(table, contexts, jax.random.key(5), temperature, top_k or VOCAB, top_p or 1.0,
+                     max_new_tokens=2, eos_id=None)
     first = reference_kept(table[context], temperature, top_k, top_p)
     joint = np.stack([first[a] * reference_kept(table[context[1], a], temperature, top_k, top_p)
                       for a in range(VOCAB)])
@@ -185,9 +183,8 @@ def test_sampled_pairs_follow_the_renormalised_distribution(temperature, top_k, 
 
 def test_sampling_is_reproducible_given_the_key():
     table = trigram_table(6, scale=0.5)
-    contexts = np.tile(np.array([[0, 1]], np.int32), (64, 1))
-    run = functools.partial(run_decode, table, contexts, temperature=1.0, top_p=None,
-                            max_new_tokens=6, eos_id=EOS, strategy="sample")
+    contexts = np.array(list(itertools.product(range(VOCAB), repeat=2)), np.int32)
+    run = functools.partial(run_decode, table, contexts, max_new_tokens=6, eos_id=EOS)
     a, b, c = run(jax.random.key(7)), run(jax.random.key(7)), run(jax.random.key(8))
     np.testing.assert_array_equal(a.tokens, b.tokens)
     assert not np.array_equal(a.tokens, c.tokens)
@@ -268,11 +265,241 @@ def test_one_beam_never_scores_below_greedy():
     hypotheses, so (without length penalty) it returns greedy's output or a likelier one."""
     table = trigram_table(10)
     contexts = np.array(list(itertools.product(range(VOCAB), repeat=2)), np.int32)
-    greedy = run_decode(table, contexts, None, 1.0, None, max_new_tokens=6, eos_id=EOS,
-                        strategy="greedy")
+    greedy = run_decode(table, contexts, max_new_tokens=6, eos_id=EOS)
     beams = run_beam(table, contexts, 0.0, num_beams=1, max_new_tokens=6)
     same = np.all(np.asarray(beams.tokens[:, 0]) == np.asarray(greedy.tokens), axis=1)
     better = np.asarray(beams.scores[:, 0]) > np.asarray(greedy.scores) + 1e-6
     assert np.all(same | better)
     assert same.any() and better.any()  # both cases occur on this table
     np.testing.assert_allclose(beams.scores[same, 0], greedy.scores[same], rtol=1e-5)
+
+
+# ------------------------------------------------------------------ model level
+from transformer_jax.config import get_config  # noqa: E402
+from transformer_jax.generation import generate  # noqa: E402
+from transformer_jax.models import DecoderLM, EncoderDecoder  # noqa: E402
+
+NEW = 6  # new tokens per row in the model-level tests
+WIDTH = 5  # padded prompt width
+
+
+def random_params(model, *inputs, seed, std=0.5):
+    """Random parameters of the init's shapes, without compiling `init`: weights
+    Normal(0, std), norm scales 1, biases 0. Large enough that the tiny models'
+    next-token distributions are peaked and input-dependent (a near-uniform model would
+    mostly repeat one token and hide bugs)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs)["params"]
+    rng = np.random.default_rng(seed)
+
+    def draw(path, shape):
+        name = path[-1].key if hasattr(path[-1], "key") else path[-2].key
+        if name in ("bias", "scale"):
+            return jnp.full(shape.shape, float(name == "scale"), shape.dtype)
+        return jnp.asarray(std * rng.standard_normal(shape.shape), shape.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def padded_batch(seed, lengths, vocab):
+    """Right-padded prompts [batch, WIDTH] with random ids, *including* in the padding,
+    which generate must ignore."""
+    return np.random.default_rng(seed).integers(0, vocab, (len(lengths), WIDTH)).astype(np.int32)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """A tiny DecoderLM (rotary positions, grouped-query attention), a padded batch, and
+    a from-scratch forward pass: full uncached apply over a fixed-width buffer."""
+    cfg = get_config("tiny", pos_encoding="rotary", num_kv_heads=2)
+    model = DecoderLM(cfg)
+    params = random_params(model, jnp.zeros((1, 4), jnp.int32), seed=0)
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
+    lengths = np.array([5, 2, 3], np.int32)
+    prompts = padded_batch(1, lengths, cfg.vocab_size)
+    return model, params, forward, prompts, lengths
+
+
+def from_scratch_log_probs(forward, context, max_len, vocab):
+    """log-softmax of the next-token logits after `context`, float64, from a full
+    forward pass over the context (causal, so the random filler after it is unseen)."""
+    filler = np.random.default_rng(len(context)).integers(0, vocab, max_len - len(context))
+    buffer = np.concatenate([context, filler]).astype(np.int32)[None]
+    return log_softmax64(forward(jnp.asarray(buffer))[0, len(context) - 1])
+
+
+def reference_greedy_lm(forward, prompt, max_new_tokens, eos_id, max_len, vocab):
+    """Greedy decoding recomputing the full forward pass from scratch at every step."""
+    context, tokens, score = list(prompt), [], 0.0
+    for _ in range(max_new_tokens):
+        log_probs = from_scratch_log_probs(forward, context, max_len, vocab)
+        token = int(np.argmax(log_probs))
+        tokens.append(token)
+        score += log_probs[token]
+        context.append(token)
+        if token == eos_id:
+            break
+    return tokens, score
+
+
+@pytest.fixture(scope="module")
+def lm_eos(lm):
+    """An EOS id that row 0's greedy continuation emits at its 3rd step, so EOS
+    handling is exercised on a real model (other rows may run to the budget)."""
+    model, _, forward, prompts, lengths = lm
+    cfg = model.cfg
+    tokens, _ = reference_greedy_lm(forward, prompts[0, :lengths[0]], 3, None, cfg.max_len, cfg.vocab_size)
+    assert tokens[2] not in tokens[:2], "pick another seed: EOS would end row 0 earlier"
+    return tokens[2]
+
+
+def test_greedy_equals_argmax_of_full_forward_each_step(lm, lm_eos):
+    model, params, forward, prompts, lengths = lm
+    cfg = model.cfg
+    out = generate(model, params, prompts, prompt_lengths=lengths, max_new_tokens=NEW, eos_id=lm_eos,
+                   pad_id=PAD)
+    assert out.tokens.shape == (3, NEW) and out.lengths.shape == (3,) and out.scores.shape == (3,)
+    for row, length in enumerate(lengths):
+        want, score = reference_greedy_lm(forward, prompts[row, :length], NEW, lm_eos, cfg.max_len,
+                                          cfg.vocab_size)
+        assert out.tokens[row].tolist() == padded(want, NEW)
+        assert int(out.lengths[row]) == len(want)
+        np.testing.assert_allclose(float(out.scores[row]), score, rtol=1e-4)
+    assert int(out.lengths[0]) == 3
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "sample", "beam"])
+def test_cached_and_uncached_decoding_agree(lm, lm_eos, strategy):
+    model, params, _, prompts, lengths = lm
+    options = dict(prompt_lengths=lengths, max_new_tokens=NEW, eos_id=lm_eos, strategy=strategy,
+                   temperature=0.7, top_k=20, top_p=0.9, rng=3, num_beams=3, return_all_beams=True)
+    cached = generate(model, params, prompts, **options)
+    uncached = generate(model, params, prompts, use_cache=False, **options)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    np.testing.assert_array_equal(cached.lengths, uncached.lengths)
+    np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam"])
+def test_batch_with_padding_equals_one_prompt_at_a_time(lm, lm_eos, strategy):
+    model, params, _, prompts, lengths = lm
+    options = dict(max_new_tokens=NEW, eos_id=lm_eos, strategy=strategy, num_beams=3,
+                   return_all_beams=True)
+    batch = generate(model, params, prompts, prompt_lengths=lengths, **options)
+    for row, length in enumerate(lengths):
+        # The same width (one compilation), other padding ids, batch size 1.
+        alone = padded_batch(10 + row, [length], model.cfg.vocab_size)
+        alone[0, :length] = prompts[row, :length]
+        alone = generate(model, params, alone, prompt_lengths=lengths[row:row + 1], **options)
+        np.testing.assert_array_equal(alone.tokens[0], batch.tokens[row])
+        np.testing.assert_array_equal(alone.lengths[0], batch.lengths[row])
+        np.testing.assert_allclose(alone.scores[0], batch.scores[row], rtol=1e-4)
+
+
+def test_beam_scores_are_the_length_penalised_log_probs_of_the_beams(lm, lm_eos):
+    """Recomputes every returned beam's log-probability from scratch: wrong cache
+    reordering between beams would make these disagree."""
+    model, params, forward, prompts, lengths = lm
+    cfg = model.cfg
+    out = generate(model, params, prompts, prompt_lengths=lengths, max_new_tokens=NEW, eos_id=lm_eos,
+                   strategy="beam", num_beams=3, return_all_beams=True)
+    greedy = generate(model, params, prompts, prompt_lengths=lengths, max_new_tokens=NEW, eos_id=lm_eos)
+    for row, length in enumerate(lengths):
+        for j in range(3):
+            n = int(out.lengths[row, j])
+            tokens = out.tokens[row, j].tolist()
+            assert tokens[n:] == [PAD] * (NEW - n)
+            assert (tokens[n - 1] == lm_eos) or n == NEW
+            context, log_prob = list(prompts[row, :length]), 0.0
+            for token in tokens[:n]:
+                log_prob += from_scratch_log_probs(forward, context, cfg.max_len, cfg.vocab_size)[token]
+                context.append(token)
+            np.testing.assert_allclose(float(out.scores[row, j]), log_prob / n, rtol=1e-4)
+        assert np.all(np.diff(np.asarray(out.scores[row])) <= 0)  # best first
+        # Greedy's hypothesis is one beam search considered (length penalty 1.0 here).
+        assert float(out.scores[row, 0]) >= float(greedy.scores[row]) / int(greedy.lengths[row]) - 1e-5
+
+
+def test_top_k_one_and_one_beam_equal_greedy_and_sampling_is_seeded(lm, lm_eos):
+    model, params, _, prompts, lengths = lm
+    options = dict(prompt_lengths=lengths, max_new_tokens=NEW, eos_id=lm_eos)
+    greedy = generate(model, params, prompts, **options)
+    sample = functools.partial(generate, model, params, prompts, strategy="sample", temperature=0.7,
+                               top_k=20, top_p=0.9, **options)  # the compilation of the test above
+    top_1 = sample(top_k=1, temperature=1.5, top_p=1.0, rng=4)
+    np.testing.assert_array_equal(top_1.tokens, greedy.tokens)
+    one_beam = generate(model, params, prompts, strategy="beam", num_beams=1, **options)
+    np.testing.assert_array_equal(one_beam.tokens, greedy.tokens)
+    a, b, c = sample(rng=5), sample(rng=jax.random.key(5)), sample(rng=6)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(prompts=[]), "empty batch"),
+    (dict(prompts=[[1, 2], []]), "no empty prompts"),
+    (dict(prompts=[[1, 61]]), r"\[0, 61\)"),
+    (dict(prompts=[[-1, 2]]), r"\[0, 61\)"),
+    (dict(prompts=[[1] * 12], max_new_tokens=6), "max_len=16"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(strategy="nucleus"), "strategy"),
+    (dict(strategy="sample", top_p=0.0), "top_p"),
+    (dict(strategy="sample", top_p=1.5), "top_p"),
+    (dict(strategy="sample", top_k=0), "top_k"),
+    (dict(strategy="sample", temperature=0.0), "temperature"),
+    (dict(strategy="sample", rng=None), "rng"),
+    (dict(strategy="beam", num_beams=0), "num_beams"),
+    (dict(eos_id=61), "eos_id"),
+    (dict(prompts=np.ones((2, 3), np.int32), prompt_lengths=[3, 4]), "lengths"),
+    (dict(prompts=np.ones((2, 3), np.float32)), "integer array"),
+])
+def test_bad_input_raises_before_compiling(lm, bad, match):
+    model, params, *_ = lm
+    args = dict(prompts=[[1, 2, 3]], max_new_tokens=5, strategy="sample", rng=0) | bad
+    with pytest.raises((ValueError, TypeError), match=match):
+        generate(model, params, args.pop("prompts"), **args)
+
+
+# ----------------------------------------------------------------- EncoderDecoder
+@pytest.fixture(scope="module")
+def seq2seq():
+    """A tiny EncoderDecoder with scanned layers (cache batch on axis 1), padded sources."""
+    cfg = get_config("tiny", scan_layers=True)
+    model = EncoderDecoder(cfg)
+    src = jnp.zeros((1, WIDTH), jnp.int32)
+    params = random_params(model, src, jnp.zeros((1, NEW), jnp.int32), seed=1)
+    forward = jax.jit(lambda src, mask, tgt: model.apply({"params": params}, src, tgt, src_padding_mask=mask))
+    lengths = np.array([4, 5, 2], np.int32)
+    return model, params, forward, padded_batch(2, lengths, cfg.vocab_size), lengths
+
+
+def test_encoder_decoder_greedy_equals_argmax_of_full_forward(seq2seq):
+    model, params, forward, sources, lengths = seq2seq
+    bos = 1
+    out = generate(model, params, sources, prompt_lengths=lengths, max_new_tokens=NEW, bos_id=bos)
+    for row, length in enumerate(lengths):
+        src = jnp.asarray(sources[row:row + 1])
+        mask = jnp.arange(WIDTH)[None] < length
+        target, score = [bos], 0.0
+        for _ in range(NEW):  # the full model (encoder too) recomputed at every step
+            tgt = jnp.asarray(padded(target, NEW))[None]
+            log_probs = log_softmax64(forward(src, mask, tgt)[0, len(target) - 1])
+            target.append(int(np.argmax(log_probs)))
+            score += log_probs[target[-1]]
+        assert out.tokens[row].tolist() == target[1:]
+        np.testing.assert_allclose(float(out.scores[row]), score, rtol=1e-4)
+    assert len({tuple(t) for t in out.tokens.tolist()}) == 3  # the sources matter
+
+
+def test_encoder_decoder_beam_cached_uncached_and_alone_agree(seq2seq):
+    model, params, _, sources, lengths = seq2seq
+    options = dict(max_new_tokens=NEW, bos_id=1, eos_id=EOS, strategy="beam", num_beams=3,
+                   return_all_beams=True)
+    cached = generate(model, params, sources, prompt_lengths=lengths, **options)
+    uncached = generate(model, params, sources, prompt_lengths=lengths, use_cache=False, **options)
+    np.testing.assert_array_equal(cached.tokens, uncached.tokens)
+    np.testing.assert_allclose(cached.scores, uncached.scores, rtol=1e-4)
+    alone = generate(model, params, sources[2:], prompt_lengths=lengths[2:], **options)
+    np.testing.assert_array_equal(alone.tokens[0], cached.tokens[2])
+    np.testing.assert_allclose(alone.scores[0], cached.scores[2], rtol=1e-4)
+    with pytest.raises(ValueError, match="bos_id"):
+        generate(model, params, sources, max_new_tokens=NEW)

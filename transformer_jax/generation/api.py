@@ -143,8 +143,10 @@ def generate(
     out = _generate(
         model, params, jnp.asarray(prompts), jnp.asarray(lengths), rng if sampling else None,
         sampling, jnp.float32(length_penalty),
+        # Static arguments the strategy or model ignores are normalised: no recompiling.
         strategy="greedy" if beam_as_greedy else strategy, max_new_tokens=max_new_tokens,
-        num_beams=num_beams, eos_id=eos_id, pad_id=pad_id, bos_id=bos_id,
+        num_beams=num_beams if strategy == "beam" else 1, eos_id=eos_id, pad_id=pad_id,
+        bos_id=bos_id if isinstance(model, models.EncoderDecoder) else None,
         cache_len=cache_len, use_cache=use_cache,
     )
     if beam_as_greedy:  # give greedy's output the beam axis and the beam score

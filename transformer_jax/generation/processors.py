@@ -44,7 +44,10 @@ def top_p_filter(logits: jax.Array, top_p: jax.typing.ArrayLike) -> jax.Array:
     descending = -jnp.sort(-logits, axis=-1)
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    num_kept = jnp.sum(mass_before < jnp.asarray(top_p, probs.dtype), axis=-1, keepdims=True)
+    top_p = jnp.asarray(top_p, probs.dtype)
+    # top_p = 1 keeps every token, even where rounding lets the running sum reach 1 early.
+    kept = (mass_before < top_p) | (top_p >= 1)
+    num_kept = jnp.sum(kept, axis=-1, keepdims=True)
     threshold = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
     return _keep_at_least(logits, threshold)
 
