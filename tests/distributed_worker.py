@@ -5,10 +5,11 @@ by tests/test_distributed.py, once per process of a multi-process run on localho
 
     XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu PYTHONPATH=. \
     python tests/distributed_worker.py --coordinator localhost:PORT --num-processes 2 \
-        --process-id I --mesh fsdp=4,tensor=2 --out result.npz
+        --process-id I --mesh data=-1 --mesh fsdp=4,tensor=2 --out result.npz
 
-Each process loads only its own rows of every batch (`process_batch_slice`); process 0
-writes the losses and the gathered final parameters to `--out`.
+For each `--mesh` the processes train a fresh state together; each process loads only
+its own rows of every batch (`process_batch_slice`). Process 0 alone writes, for mesh
+number i, "i/losses" and "i/<parameter path>" (the gathered final parameters) to `--out`.
 """
 from __future__ import annotations
 
@@ -82,20 +83,22 @@ def main() -> None:
     parser.add_argument("--coordinator", required=True)
     parser.add_argument("--num-processes", type=int, required=True)
     parser.add_argument("--process-id", type=int, required=True)
-    parser.add_argument("--mesh", required=True)
+    parser.add_argument("--mesh", action="append", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-    mesh = sharding.make_mesh(args.mesh)
-    state, losses = train(mesh, batches(args.steps))
-    params = multihost_utils.process_allgather(state.params, tiled=True)
+    results = {}
+    for i, spec in enumerate(args.mesh):
+        state, losses = train(sharding.make_mesh(spec), batches(args.steps))
+        params = multihost_utils.process_allgather(state.params, tiled=True)
+        results[f"{i}/losses"] = np.asarray(losses)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+            results[f"{i}/{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
     if jax.process_index() == 0:
-        flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-                for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-        np.savez(args.out, losses=np.asarray(losses), **flat)
+        np.savez(args.out, **results)
     jax.distributed.shutdown()
 
 
