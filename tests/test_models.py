@@ -232,3 +232,192 @@ def test_scan_and_remat_equal_the_plain_stack(lm, plain_loss_and_grad, overrides
     np.testing.assert_allclose(loss, plain_loss, rtol=1e-6)
     expected = restack(plain_grad) if scanned else plain_grad
     jax.tree.map(lambda g, e: np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7), grad, expected)
+
+
+# ---------------------------------------------------------------- encoder family
+
+
+def insert_padding(real, seed, extra):
+    """Scatter `extra` padding slots (garbage ids) among the real tokens of each row.
+
+    Returns the padded tokens [b, t + extra], the padding mask and, per row, the indices
+    of the real tokens in the padded sequence (in order).
+    """
+    rng = np.random.default_rng(seed)
+    b, t = real.shape
+    padded = rng.integers(0, TINY.vocab_size, (b, t + extra)).astype(np.int32)
+    mask = np.zeros((b, t + extra), bool)
+    where = np.stack([np.sort(rng.choice(t + extra, t, replace=False)) for _ in range(b)])
+    for i in range(b):
+        padded[i, where[i]] = real[i]
+        mask[i, where[i]] = True
+    return padded, mask, where
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    model = Encoder(TINY)
+    params = random_params(model, 11, np.zeros((1, 1), np.int32))
+    apply = jax.jit(lambda p, x, m: model.apply({"params": p}, x, padding_mask=m))
+    return model, params, apply
+
+
+def test_padding_never_changes_real_encoder_outputs(encoder):
+    _, params, apply = encoder
+    real = tokens(12, (3, 6))
+    unpadded = np.asarray(apply(params, real, np.ones_like(real, bool)))
+    padded, mask, where = insert_padding(real, 13, extra=4)
+    out = np.asarray(apply(params, padded, mask))
+    for i in range(3):
+        np.testing.assert_allclose(out[i, where[i]], unpadded[i], atol=2e-5)
+    # ...and pooling ignores the padding slots.
+    for method in ("mean", "first"):
+        np.testing.assert_allclose(
+            pool(out, mask, method), pool(unpadded, None, method), atol=2e-5
+        )
+
+
+def test_pool_matches_numpy_and_ignores_padding_values():
+    rng = np.random.default_rng(14)
+    hidden = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    mask = np.array([[1, 1, 0, 1, 0], [0, 0, 1, 1, 1], [1, 0, 0, 0, 0]], bool)
+    hidden[~mask] = np.nan  # whatever sits at padding slots must not leak into the result
+    pooled_mean = jax.jit(pool, static_argnums=2)(hidden, mask, "mean")
+    pooled_first = jax.jit(pool, static_argnums=2)(hidden, mask, "first")
+    for i in range(3):
+        np.testing.assert_allclose(pooled_mean[i], hidden[i][mask[i]].mean(0), rtol=1e-6)
+        np.testing.assert_array_equal(pooled_first[i], hidden[i][mask[i]][0])
+    assert pooled_mean.dtype == jnp.float32
+    with pytest.raises(ValueError, match="method"):
+        pool(hidden, mask, "max")
+    with pytest.raises(ValueError, match="padding_mask"):
+        pool(hidden, mask[:, :4], "mean")
+
+
+def test_masked_lm_checkpoint_loads_into_classifier():
+    x = tokens(15, (2, 6))
+    mask = np.ones((2, 6), bool)
+    mlm = MaskedLM(TINY)
+    mlm_params = random_params(mlm, 16, x)
+    clf = SequenceClassifier(TINY, num_classes=3, pooling="mean")
+    clf_shapes = nn.unbox(jax.eval_shape(clf.init, KEY, x)["params"])
+    assert jax.tree.structure(clf_shapes["encoder"]) == jax.tree.structure(mlm_params["encoder"])
+    head = random_params(clf, 17, x)["classifier"]
+    params = {"encoder": mlm_params["encoder"], "classifier": head}
+    logits = jax.jit(lambda p: clf.apply({"params": p}, x, padding_mask=mask))(params)
+    assert logits.shape == (2, 3) and logits.dtype == jnp.float32
+    # The classifier is a linear map of the mean-pooled encoder output.
+    hidden = jax.jit(Encoder(TINY).apply)({"params": mlm_params["encoder"]}, x)
+    expected = np.asarray(hidden, np.float64).mean(1) @ head["kernel"] + head["bias"]
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="pooling"):
+        jax.eval_shape(SequenceClassifier(TINY, 3, pooling="max").init, KEY, x)
+
+
+# ---------------------------------------------------------------- encoder-decoder
+
+
+@pytest.fixture(scope="module")
+def seq2seq():
+    model = EncoderDecoder(TINY)
+    params = random_params(model, 18, np.zeros((1, 1), np.int32), np.zeros((1, 1), np.int32))
+    return model, params
+
+
+def test_cross_attention_ignores_source_padding(seq2seq):
+    model, params = seq2seq
+    apply = jax.jit(lambda p, s, t, m: model.apply({"params": p}, s, t, src_padding_mask=m))
+    src, tgt = tokens(19, (3, 6)), tokens(20, (3, 5))
+    unpadded = apply(params, src, tgt, np.ones_like(src, bool))
+    padded, mask, _ = insert_padding(src, 21, extra=3)
+    np.testing.assert_allclose(apply(params, padded, tgt, mask), unpadded, atol=2e-5)
+
+
+def test_encoder_decoder_cached_decoding_matches_full_forward(seq2seq):
+    model, params = seq2seq
+    b, total = 2, 7
+    src, tgt = tokens(22, (b, 6)), tokens(23, (b, total))
+    src_mask = np.array([[True] * 6, [True] * 4 + [False] * 2])
+    full = np.asarray(jax.jit(lambda p: model.apply({"params": p}, src, tgt, src_padding_mask=src_mask))(params))
+    encoded = jax.jit(lambda p: model.apply({"params": p}, src, src_padding_mask=src_mask,
+                                            method=EncoderDecoder.encode))(params)
+
+    @jax.jit
+    def step(cache, x, lengths):
+        logits, state = model.apply(
+            {"params": params, "cache": cache}, encoded, x, src_padding_mask=src_mask, decode=True,
+            decode_lengths=lengths, mutable=["cache"], method=EncoderDecoder.decode,
+        )
+        return logits, state["cache"]
+
+    lengths = np.array([3, 1], np.int32)
+    prompt = np.where(np.arange(3) < lengths[:, None], tgt[:, :3], 0).astype(np.int32)
+    cache = init_cache(model, b, TINY.max_len, src_len=6)
+    logits, cache = step(cache, prompt, lengths)
+    errors = [np.abs(logits[i, : lengths[i]] - full[i, : lengths[i]]).max() for i in range(b)]
+    for s in range(3):
+        positions = lengths + s
+        logits, cache = step(cache, tgt[np.arange(b), positions][:, None], np.ones(b, np.int32))
+        errors.append(np.abs(logits[:, 0] - full[np.arange(b), positions]).max())
+    assert np.abs(full).max() > 0.1
+    assert max(errors) <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def seq2seq_by_implementation(seq2seq):
+    """Logits of the seq2seq model per attention implementation, on one padded batch:
+    bidirectional self-attention with padding (encoder), causal (decoder), cross with
+    padding. ("cudnn" and "pallas" need a GPU and are covered by the attention tests.)"""
+    _, params = seq2seq
+    src, tgt = tokens(24, (2, 9)), tokens(25, (2, 7))
+    src_mask = np.array([[True] * 9, [True] * 5 + [False] * 4])
+
+    @functools.cache
+    def run(impl):
+        m = EncoderDecoder(get_config("tiny", attention_impl=impl))
+        return np.asarray(jax.jit(lambda p: m.apply({"params": p}, src, tgt, src_padding_mask=src_mask))(params))
+
+    return run
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "xla"])
+def test_attention_implementations_give_the_same_model_outputs(seq2seq_by_implementation, implementation):
+    run = seq2seq_by_implementation
+    reference = run("reference")
+    assert np.abs(reference).max() > 0.1
+    np.testing.assert_allclose(run(implementation), reference, atol=2e-5)
+
+
+def test_bad_inputs_raise_at_trace_time(seq2seq):
+    model, params = seq2seq
+    spec = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)  # noqa: E731
+    decode = functools.partial(model.apply, {"params": params}, method=EncoderDecoder.decode)
+    with pytest.raises(ValueError, match="encoded"):  # batch mismatch
+        jax.eval_shape(decode, spec(3, 6, TINY.d_model, dtype=jnp.float32), spec(2, 4))
+    with pytest.raises(ValueError, match="src_padding_mask"):
+        jax.eval_shape(lambda e, t, m: decode(e, t, src_padding_mask=m),
+                       spec(2, 6, TINY.d_model, dtype=jnp.float32), spec(2, 4), spec(2, 5, dtype=jnp.bool_))
+    with pytest.raises(ValueError, match="src_padding_mask"):
+        jax.eval_shape(lambda s, t, m: model.apply({"params": params}, s, t, src_padding_mask=m),
+                       spec(2, 6), spec(2, 4), spec(2, 6))  # int, not bool
+    with pytest.raises(ValueError, match="padding_mask"):
+        jax.eval_shape(lambda x, m: Encoder(TINY).apply({"params": params}, x, padding_mask=m),
+                       spec(2, 6), spec(6, dtype=jnp.bool_))
+    with pytest.raises(ValueError, match="tokens"):
+        jax.eval_shape(lambda x: DecoderLM(TINY).apply({"params": params}, x), spec(2, 6, dtype=jnp.float32))
+    with pytest.raises(ValueError, match="segment_ids"):
+        jax.eval_shape(lambda x, s: DecoderLM(TINY).apply({"params": params}, x, segment_ids=s),
+                       spec(2, 6), spec(2, 5))
+
+
+def test_check_tokens():
+    check_tokens(np.array([[0, TINY.vocab_size - 1]]), TINY)  # valid: no error
+    with pytest.raises(ValueError, match="ids"):
+        check_tokens(np.array([[0, TINY.vocab_size]]), TINY)
+    with pytest.raises(ValueError, match="prompt"):
+        check_tokens(np.array([[-1, 3]]), TINY, "prompt")
+    with pytest.raises(ValueError, match="max_len"):
+        check_tokens(np.zeros((1, TINY.max_len + 1), np.int32), TINY)
+    check_tokens(np.zeros((1, TINY.max_len + 1), np.int32), get_config("tiny", pos_encoding="rotary"))
+    with pytest.raises(ValueError, match="integer"):
+        check_tokens(np.zeros((2, 3), np.float32), TINY)
