@@ -96,7 +96,10 @@ def normalise(
     if bias is not None and not jnp.issubdtype(bias.dtype, jnp.floating):
         raise TypeError(f"bias must have a floating dtype, got {bias.dtype}")
     if mask is not None and mask.dtype != jnp.bool_:
-        raise TypeError(f"mask must be boolean (True = attend), got dtype {mask.dtype}")
+        # flax's make_causal_mask / combine_masks produce float masks: nonzero = attend.
+        if not jnp.issubdtype(mask.dtype, jnp.number):
+            raise TypeError(f"mask must be boolean (True = attend) or numeric, got dtype {mask.dtype}")
+        mask = mask != 0
 
     seq = SequenceInfo(
         q_len=_lengths(query_seq_lengths, "query_seq_lengths", b, unbatched),

@@ -73,25 +73,34 @@ def allowed(
     return jnp.broadcast_to(reduce(jnp.logical_and, conds), (q_pos.size, k_pos.size))
 
 
-def key_block_range(q_block, block_q, block_k, num_k_blocks, *, is_causal, window):
-    """[lo, hi) of the key blocks that query block `q_block` can see at all."""
+def key_block_range(q_block, block_q, block_k, q_len, kv_len, *, is_causal, window):
+    """[lo, hi) of the key blocks that query block `q_block` can see at all.
+
+    q_len, kv_len: the unpadded lengths (static ints), so padding rows add no blocks.
+    """
+    num_k_blocks = -(-kv_len // block_k)
     lo, hi = 0, num_k_blocks
-    first_q, last_q = q_block * block_q, q_block * block_q + block_q - 1
+    first_q = q_block * block_q
+    last_q = jnp.minimum(first_q + block_q, q_len) - 1
     right = _right_reach(is_causal, window)
     if right is not None:
         hi = jnp.clip((last_q + right) // block_k + 1, 0, num_k_blocks)
     if window is not None:
-        lo = jnp.clip((first_q - window[0]) // block_k, 0, num_k_blocks)
+        first_k = first_q - window[0]  # may lie in the padding: then nothing is visible
+        lo = jnp.where(first_k >= kv_len, num_k_blocks, jnp.clip(first_k // block_k, 0, num_k_blocks))
     return lo, hi
 
 
-def query_block_range(k_block, block_q, block_k, num_q_blocks, *, is_causal, window):
+def query_block_range(k_block, block_q, block_k, q_len, kv_len, *, is_causal, window):
     """[lo, hi) of the query blocks that can see key block `k_block` at all."""
+    num_q_blocks = -(-q_len // block_q)
     lo, hi = 0, num_q_blocks
-    first_k, last_k = k_block * block_k, k_block * block_k + block_k - 1
+    first_k = k_block * block_k
+    last_k = jnp.minimum(first_k + block_k, kv_len) - 1
     right = _right_reach(is_causal, window)
     if right is not None:
-        lo = jnp.clip((first_k - right) // block_q, 0, num_q_blocks)
+        first_q = first_k - right  # may lie in the padding: then nothing is visible
+        lo = jnp.where(first_q >= q_len, num_q_blocks, jnp.clip(first_q // block_q, 0, num_q_blocks))
     if window is not None:
         hi = jnp.clip((last_k + window[0]) // block_q + 1, 0, num_q_blocks)
     return lo, hi
