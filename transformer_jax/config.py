@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.attention.arguments import IMPLEMENTATIONS
+
 ACTIVATIONS = ("relu", "gelu", "swiglu")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = (None, "reference", "blockwise", "xla", "cudnn", "pallas")
+ATTENTION_IMPLS = (None, *IMPLEMENTATIONS)  # None = automatic selection
 # Names of jax.checkpoint_policies (plus "none": no remat, "full": save nothing).
 REMAT_POLICIES = (
     "none",

@@ -1,7 +1,7 @@
 """Transformer building blocks (Flax Linen): embeddings, positions, attention, MLP, norms, blocks."""
 from transformer_jax.layers.attention import MultiHeadAttention, write_cache
 from transformer_jax.layers.blocks import Block, BlockStack
-from transformer_jax.layers.embeddings import Embedder, TokenEmbedding
+from transformer_jax.layers.embeddings import Embedder, LMHead, TokenEmbedding
 from transformer_jax.layers.feedforward import FeedForward
 from transformer_jax.layers.norms import make_norm
 from transformer_jax.layers.positional import (
@@ -17,6 +17,7 @@ __all__ = [
     "BlockStack",
     "Embedder",
     "FeedForward",
+    "LMHead",
     "LearnedPositions",
     "MultiHeadAttention",
     "TokenEmbedding",

@@ -100,7 +100,7 @@ class MultiHeadAttention(nn.Module):
             q, k, v, mask=mask, is_causal=is_causal,
             segment_ids=segment_ids if is_self else None,
             implementation=cfg.attention_impl, dropout_rng=dropout_rng,
-            dropout_rate=cfg.attention_dropout_rate, deterministic=deterministic,
+            dropout_rate=cfg.attention_dropout_rate, deterministic=dropout_rng is None,
         )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
         return nn.DenseGeneral(

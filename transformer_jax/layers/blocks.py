@@ -108,9 +108,11 @@ class BlockStack(nn.Module):
         block = Block
         if cfg.remat_policy != "none":
             block = nn.remat(block, policy=REMAT_POLICY_FNS[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-        make = lambda name: block(  # noqa: E731
-            cfg, self.num_layers, self.causal, self.cross, deterministic, decode, name=name
-        )
+
+        def make(name: str) -> Block:
+            return block(cfg, self.num_layers, causal=self.causal, cross=self.cross,
+                         deterministic=deterministic, decode=decode, name=name)
+
         args = (encoded, self_mask, cross_mask, positions, segment_ids, valid)
         if not cfg.scan_layers:
             for i in range(self.num_layers):

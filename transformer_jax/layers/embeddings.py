@@ -1,4 +1,4 @@
-"""Token embedding with a tied read-out, and the model input embedder."""
+"""Token embedding with a tied read-out, an untied read-out, and the model input embedder."""
 from __future__ import annotations
 
 import math
@@ -69,3 +69,17 @@ class Embedder(nn.Module):
     def attend(self, h: jax.Array) -> jax.Array:
         """Tied read-out: float32 logits [..., vocab_size]."""
         return self.token.attend(h)
+
+
+class LMHead(nn.Module):
+    """Untied read-out `[..., d_model] -> float32 [..., vocab_size]` (no bias), multiplied in
+    h.dtype with float32 accumulation."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", init.normal(("embed", "vocab")), (self.cfg.d_model, self.cfg.vocab_size), jnp.float32
+        )
+        return jnp.einsum("...d,dv->...v", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)

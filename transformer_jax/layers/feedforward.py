@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init

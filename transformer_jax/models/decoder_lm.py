@@ -6,23 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.layers import BlockStack, Embedder, make_norm, segment_positions
-from transformer_jax.layers import initializers as init
+from transformer_jax.layers import BlockStack, Embedder, LMHead, make_norm, segment_positions
 from transformer_jax.models.cache import CachePosition
 from transformer_jax.models.checks import check_decode_lengths, check_token_shape
-
-
-class LMHead(nn.Module):
-    """Untied read-out `[..., d_model] -> float32 [..., vocab_size]` (no bias)."""
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, h: jax.Array) -> jax.Array:
-        kernel = self.param(
-            "kernel", init.normal(("embed", "vocab")), (self.cfg.d_model, self.cfg.vocab_size), jnp.float32
-        )
-        return jnp.einsum("...d,dv->...v", h, kernel.astype(h.dtype), preferred_element_type=jnp.float32)
 
 
 class DecoderLM(nn.Module):

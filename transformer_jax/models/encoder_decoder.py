@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
-from transformer_jax.layers import BlockStack, Embedder, make_norm
+from transformer_jax.layers import BlockStack, Embedder, LMHead, make_norm
 from transformer_jax.models.cache import CachePosition
 from transformer_jax.models.checks import check_decode_lengths, check_padding_mask, check_token_shape
-from transformer_jax.models.decoder_lm import LMHead
 from transformer_jax.models.encoder import attention_mask, token_positions
 
 

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
-from transformer_jax.layers import make_norm
-from transformer_jax.models.decoder_lm import LMHead
+from transformer_jax.layers import LMHead, make_norm
 from transformer_jax.models.encoder import POOLING, Encoder, pool
 
 
