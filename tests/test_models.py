@@ -405,6 +405,8 @@ def test_bad_inputs_raise_at_trace_time(seq2seq):
                        spec(2, 6), spec(6, dtype=jnp.bool_))
     with pytest.raises(ValueError, match="tokens"):
         jax.eval_shape(lambda x: DecoderLM(TINY).apply({"params": params}, x), spec(2, 6, dtype=jnp.float32))
+    with pytest.raises(ValueError, match="max_len"):
+        jax.eval_shape(lambda x: DecoderLM(TINY).apply({"params": params}, x), spec(2, TINY.max_len + 1))
     with pytest.raises(ValueError, match="segment_ids"):
         jax.eval_shape(lambda x, s: DecoderLM(TINY).apply({"params": params}, x, segment_ids=s),
                        spec(2, 6), spec(2, 5))

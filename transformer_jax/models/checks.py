@@ -14,14 +14,10 @@ def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
     Checks: 2-D integer array, ids in [0, vocab_size), and length <= max_len when
     positions are learned. Meant for training, generation and the CLI, before jit.
     Inside jit the models cannot see values: out-of-range ids are clamped into
-    [0, vocab_size) by `jnp.take(..., mode="clip")`, and positions past a learned table
-    reuse its last row, silently.
+    [0, vocab_size) by `jnp.take(..., mode="clip")`, silently. (Lengths are static, so the
+    models themselves reject sequences longer than a learned table at trace time.)
     """
-    check_token_shape(tokens, name)
-    if cfg.pos_encoding == "learned" and tokens.shape[1] > cfg.max_len:
-        raise ValueError(
-            f"{name} has length {tokens.shape[1]} > max_len={cfg.max_len} of the learned position table"
-        )
+    check_token_shape(tokens, cfg, name)
     values = np.asarray(tokens)
     if values.size and (values.min() < 0 or values.max() >= cfg.vocab_size):
         raise ValueError(
@@ -29,11 +25,15 @@ def check_tokens(tokens, cfg: ModelConfig, name: str = "tokens") -> None:
         )
 
 
-def check_token_shape(tokens: jax.Array, name: str) -> None:
-    """Trace-time check: int [batch, length]."""
+def check_token_shape(tokens: jax.Array, cfg: ModelConfig, name: str) -> None:
+    """Trace-time check: int [batch, length], length within a learned position table."""
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
         raise ValueError(
-            f"{name} must be an integer array [batch, length], got {tokens.dtype} {tokens.shape}"
+            f"{name} must be an integer array [batch, length], got {tokens.dtype} {tuple(tokens.shape)}"
+        )
+    if cfg.pos_encoding == "learned" and tokens.shape[1] > cfg.max_len:
+        raise ValueError(
+            f"{name} has length {tokens.shape[1]} > max_len={cfg.max_len} of the learned position table"
         )
 
 

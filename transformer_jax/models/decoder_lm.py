@@ -47,7 +47,7 @@ class DecoderLM(nn.Module):
         of KV-cache decoding (see `transformer_jax.models.cache`); decode_lengths: int
         [b], valid tokens per row in this call (default t).
         """
-        check_token_shape(tokens, "tokens")
+        check_token_shape(tokens, self.cfg, "tokens")
         if segment_ids is not None:
             if decode:
                 raise ValueError("segment_ids is not supported with decode=True")

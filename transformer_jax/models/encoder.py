@@ -47,7 +47,7 @@ class Encoder(nn.Module):
 
         Outputs at padding positions are meaningless.
         """
-        check_token_shape(tokens, "tokens")
+        check_token_shape(tokens, self.cfg, "tokens")
         check_padding_mask(padding_mask, tokens, "padding_mask")
         positions = token_positions(tokens, padding_mask)
         x = self.embedder(tokens, positions, deterministic=deterministic)

@@ -60,7 +60,7 @@ class EncoderDecoder(nn.Module):
         self, src: jax.Array, *, src_padding_mask: jax.Array | None = None, deterministic: bool = True
     ) -> jax.Array:
         """src int [b, s] -> encoding [b, s, d_model] in cfg.dtype (meaningless at padding)."""
-        check_token_shape(src, "src")
+        check_token_shape(src, self.cfg, "src")
         check_padding_mask(src_padding_mask, src, "src_padding_mask")
         positions = token_positions(src, src_padding_mask)
         embedder = self.embedder if self.cfg.tie_embeddings else self.src_embedder
@@ -85,7 +85,7 @@ class EncoderDecoder(nn.Module):
         cross-attention keys and values are recomputed from `encoded` on every call.
         """
         cfg = self.cfg
-        check_token_shape(tgt, "tgt")
+        check_token_shape(tgt, cfg, "tgt")
         if encoded.ndim != 3 or encoded.shape[0] != tgt.shape[0] or encoded.shape[2] != cfg.d_model:
             raise ValueError(
                 f"encoded must be [batch={tgt.shape[0]}, src_len, d_model={cfg.d_model}] to match "
