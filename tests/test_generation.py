@@ -449,6 +449,7 @@ def test_top_k_one_and_one_beam_equal_greedy_and_sampling_is_seeded(lm, lm_eos):
     (dict(strategy="sample", rng=None), "rng"),
     (dict(strategy="beam", num_beams=0), "num_beams"),
     (dict(eos_id=61), "eos_id"),
+    (dict(rng="seed"), "rng"),
     (dict(prompts=np.ones((2, 3), np.int32), prompt_lengths=[3, 4]), "lengths"),
     (dict(prompts=np.ones((2, 3), np.float32)), "integer array"),
 ])

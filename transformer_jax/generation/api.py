@@ -91,12 +91,14 @@ def generate(
       `-inf`: fewer distinct hypotheses than beams exist).
 
     Raises:
-      TypeError: `model` is neither a DecoderLM nor an EncoderDecoder, or `prompts` is
-        not an integer array / list of lists.
-      ValueError: an empty batch or prompt, token ids outside [0, vocab_size), a prompt
-        plus `max_new_tokens` longer than `cfg.max_len` (a DecoderLM needs the padded
-        prompt width + max_new_tokens - 1 positions; an EncoderDecoder's source width
-        and max_new_tokens must each fit), an unknown strategy, temperature <= 0, top_k < 1, top_p outside
+      TypeError: `model` is neither a DecoderLM nor an EncoderDecoder, `prompts` is
+        neither an integer array nor a list of lists, or `rng` is neither a key nor
+        an int.
+      ValueError: an empty batch or prompt, bad `prompt_lengths`, token ids outside
+        [0, vocab_size), a prompt plus `max_new_tokens` longer than `cfg.max_len` (a
+        DecoderLM needs the padded prompt width + max_new_tokens - 1 positions; an
+        EncoderDecoder's source width and max_new_tokens must each fit), an unknown
+        strategy, max_new_tokens < 1, temperature <= 0, top_k < 1, top_p outside
         (0, 1], num_beams < 1, sampling without rng, or a missing bos_id.
 
     Example:
@@ -112,16 +114,12 @@ def generate(
     check_options(
         strategy=strategy, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
         top_p=top_p, num_beams=num_beams, length_penalty=length_penalty, eos_id=eos_id,
-        pad_id=pad_id, rng=rng, vocab_size=cfg.vocab_size,
+        pad_id=pad_id, bos_id=bos_id, rng=rng, vocab_size=cfg.vocab_size,
+        encoder_decoder=isinstance(model, models.EncoderDecoder),
     )
     prompts, lengths = prepare_prompts(prompts, prompt_lengths, vocab_size=cfg.vocab_size)
     if isinstance(model, models.EncoderDecoder):
-        if not isinstance(bos_id, int) or not 0 <= bos_id < cfg.vocab_size:
-            raise ValueError(
-                f"bos_id={bos_id!r}: an EncoderDecoder needs the decoder's start token, "
-                f"an int in [0, {cfg.vocab_size})"
-            )
-        check_context(prompts.shape[1], cfg.max_len, f"the longest source ({prompts.shape[1]} tokens)")
+        check_context(prompts.shape[1], cfg.max_len, f"the source width ({prompts.shape[1]} tokens)")
         check_context(max_new_tokens, cfg.max_len, f"max_new_tokens={max_new_tokens}")
         cache_len = max_new_tokens  # the start token and every generated token but the last
     else:
@@ -131,8 +129,8 @@ def generate(
             f"the prompt width ({prompts.shape[1]} tokens) + max_new_tokens={max_new_tokens} - 1",
         )
     beam_as_greedy = strategy == "beam" and num_beams == 1  # beam search of width one
-    if isinstance(rng, int):
-        rng = jax.random.key(rng)
+    if rng is not None and not isinstance(rng, jax.Array):
+        rng = jax.random.key(rng)  # an int seed
     sampling = None
     if strategy == "sample":
         sampling = dict(

@@ -1,10 +1,12 @@
 """Beam search with a length penalty and per-beam EOS handling.
 
 Each row keeps `num_beams` alive hypotheses (no EOS yet) and the `num_beams` best
-finished ones. A hypothesis finishes when it emits EOS or reaches `max_new_tokens`;
-its score is `log p(tokens) / length ** length_penalty` (length counts the new tokens,
-EOS included). A row is done when no alive hypothesis can still beat its worst
-finished one; the loop stops when every row is done.
+finished ones. At every step the alive set becomes the best `num_beams` EOS-free
+one-token extensions of the alive beams, while every beam's EOS extension competes
+for the finished set. A hypothesis finishes when it emits EOS or reaches
+`max_new_tokens`; its score is `log p(tokens) / length ** length_penalty` (length
+counts the new tokens, EOS included). A row is done when no alive hypothesis can
+still beat its worst finished one; the loop stops when every row is done.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def _extend(
     *,
     eos_id: int | None,
     max_new_tokens: int,
-    length_penalty: float,
+    length_penalty: jax.typing.ArrayLike,
 ) -> _Beams:
     """Extends every alive beam by one token; keeps the best alive and finished beams.
 
@@ -89,7 +91,9 @@ def _extend(
     )
 
 
-def _all_rows_done(beams: _Beams, *, max_new_tokens: int, length_penalty: float) -> jax.Array:
+def _all_rows_done(
+    beams: _Beams, *, max_new_tokens: int, length_penalty: jax.typing.ArrayLike
+) -> jax.Array:
     """True when no alive beam of any row can still enter that row's finished set.
 
     An alive log-probability s <= 0 only falls, and a hypothesis finishing at length L
@@ -111,7 +115,7 @@ def beam_search(
     max_new_tokens: int,
     eos_id: int | None = None,
     pad_id: int = 0,
-    length_penalty: float = 1.0,
+    length_penalty: jax.typing.ArrayLike = 1.0,
     reorder_cache: ReorderFn = gather_rows,
 ) -> GenerateOutput:
     """Beam search over `step`, returning every row's beams best first.

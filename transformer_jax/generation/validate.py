@@ -4,6 +4,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import numpy as np
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -79,8 +80,10 @@ def check_options(
     length_penalty: Any,
     eos_id: Any,
     pad_id: Any,
+    bos_id: Any,
     rng: Any,
     vocab_size: int,
+    encoder_decoder: bool,
 ) -> None:
     """Raises ValueError/TypeError naming the first bad option of `generate`.
 
@@ -104,6 +107,13 @@ def check_options(
         raise ValueError(f"eos_id={eos_id!r}: expected None or an int in [0, {vocab_size})")
     if not _is_int(pad_id):
         raise ValueError(f"pad_id={pad_id!r}: expected an int")
+    if encoder_decoder and (not _is_int(bos_id) or not 0 <= bos_id < vocab_size):
+        raise ValueError(
+            f"bos_id={bos_id!r}: an EncoderDecoder needs the decoder's start token, an int "
+            f"in [0, {vocab_size})"
+        )
+    if rng is not None and not (_is_int(rng) or isinstance(rng, jax.Array)):
+        raise TypeError(f"rng must be a jax.random.key or an int seed, got {type(rng).__name__}")
     if strategy == "sample" and rng is None:
         raise ValueError("strategy='sample' needs rng: a jax.random.key or an int seed")
 
