@@ -52,11 +52,11 @@ class Block(nn.Module):
         flags = dict(deterministic=self.deterministic, decode=self.decode)
 
         def residual(y: jax.Array, branch, name: str) -> jax.Array:
-            pre = cfg.norm_position == "pre"
-            h = branch(make_norm(cfg, f"{name}_norm")(y) if pre else y)
-            h = nn.Dropout(cfg.dropout_rate)(h, deterministic=self.deterministic)
-            y = y + h
-            return y if pre else make_norm(cfg, f"{name}_norm")(y)
+            norm = make_norm(cfg, f"{name}_norm")
+            dropout = nn.Dropout(cfg.dropout_rate, deterministic=self.deterministic)
+            if cfg.norm_position == "pre":
+                return y + dropout(branch(norm(y)))
+            return norm(y + dropout(branch(y)))
 
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         self_attn = MultiHeadAttention(cfg, causal=self.causal, out_std=out_std, name="self_attn")
