@@ -294,4 +294,6 @@ def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
         raise ValueError(
             f"batch size {x.shape[0]} is not divisible by accum_steps={accum_steps}"
         )
-    return x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:])
+    # Micro-batch i takes rows i, i+k, i+2k, ...: with the batch sharded in contiguous
+    # blocks over devices, every device then feeds every micro-batch (no resharding).
+    return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)

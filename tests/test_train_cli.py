@@ -1,0 +1,256 @@
+"""End-to-end tests of train.py, called in-process (train.main(argv)) on a tiny preset."""
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+import train
+from transformer_jax import checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every train.main call jits fresh closures; a persistent cache turns the repeated,
+    identical compilations into disk reads (about 5x less time for this module)."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    values = (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)
+    for name, value in zip(names, values):
+        jax.config.update(name, value)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """~12k characters of pseudo-English with a small vocabulary (learnable in seconds)."""
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
+    text = " ".join(rng.choice(words, size=3000)) + "\n"
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(text)
+    return str(path)
+
+
+def _args(corpus, out_dir, *extra, steps=12):
+    return ["--preset", "tiny", "--data", corpus, "--out-dir", str(out_dir), "--batch-size", "4",
+            "--seq-len", "16", "--max-steps", str(steps), "--eval-every", "6", "--eval-batches", "2",
+            "--log-every", "3", "--checkpoint-every", "6", "--sample-tokens", "0", *extra]
+
+
+def _metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def _params(out_dir, step=None):
+    with checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints")) as ckpt:
+        return ckpt.restore_params(step)
+
+
+def _leaves(tree):
+    import jax
+    return {"/".join(str(k.key) for k in p): np.asarray(v)
+            for p, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+@pytest.fixture(scope="module")
+def base_run(corpus, tmp_path_factory):
+    """A 40-step run shared by the tests that need a trained run."""
+    out = tmp_path_factory.mktemp("base") / "run"
+    assert train.main(_args(corpus, out, "--lr", "1e-2", "--eval-every", "20", steps=40)) == 0
+    return str(out)
+
+
+def test_loss_decreases_and_outputs_are_written(base_run):
+    records = _metrics(base_run)
+    assert [r["step"] for r in records] == sorted({*range(3, 40, 3), 20, 40})  # log, eval steps
+    for r in records:
+        assert {"step", "train_loss", "lr", "tokens_per_sec"} <= r.keys()
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and val[-1] < 0.7 * np.log(14)  # well below uniform over the ~14 symbols
+    assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
+    names = os.listdir(base_run)
+    for expected in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints"):
+        assert expected in names
+    assert any(n.startswith("events.out.tfevents") for n in names)
+    with open(os.path.join(base_run, "config.json")) as f:
+        config = json.load(f)
+    assert config["model"]["d_model"] == 32 and config["train"]["objective"] == "clm"
+    with checkpoint.Checkpointer(os.path.join(base_run, "checkpoints")) as ckpt:
+        assert ckpt.latest_step() == 40 and ckpt.best_step() == 40
+
+
+def _sigterm_at(monkeypatch, stop_step):
+    original = train.make_clm_batch
+
+    def batch(tokens, *, seed, step, **kw):
+        if step == stop_step:
+            signal.raise_signal(signal.SIGTERM)  # arrives mid-run, as from a scheduler
+        return original(tokens, seed=seed, step=step, **kw)
+
+    monkeypatch.setattr(train, "make_clm_batch", batch)
+
+
+def test_exact_resume_after_sigterm_and_after_max_steps(corpus, tmp_path, monkeypatch):
+    flags = ("--dropout", "0.1", "--decay-steps", "12")  # dropout: the rng must resume too
+    assert train.main(_args(corpus, tmp_path / "straight", *flags)) == 0
+
+    with monkeypatch.context() as m:
+        _sigterm_at(m, 4)  # the handler lets step 5 finish, saves it and exits 0
+        assert train.main(_args(corpus, tmp_path / "killed", *flags)) == 0
+    with checkpoint.Checkpointer(tmp_path / "killed" / "checkpoints") as ckpt:
+        assert ckpt.latest_step() == 5
+    assert train.main(_args(corpus, tmp_path / "killed", *flags)) == 0  # same command resumes
+
+    assert train.main(_args(corpus, tmp_path / "short", *flags, steps=7)) == 0
+    assert train.main(_args(corpus, tmp_path / "short", *flags, "--resume")) == 0
+
+    want = _leaves(_params(tmp_path / "straight", 12))
+    want_metrics = [(r["step"], r["train_loss"], r.get("val_loss")) for r in _metrics(tmp_path / "straight")]
+    for name in ("killed", "short"):
+        got = _leaves(_params(tmp_path / name, 12))
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{name}: {key}")
+        got_metrics = [(r["step"], r["train_loss"], r.get("val_loss")) for r in _metrics(tmp_path / name)]
+        stops = {"killed": 5, "short": 7}
+        # the interrupted run logged its stopping step extra; everything else is identical
+        assert [x for x in got_metrics if x[0] != stops[name]] == want_metrics
+
+
+def _nan_at(monkeypatch, bad_step):
+    original = train.make_clm_batch
+
+    def batch(tokens, *, seed, step, **kw):
+        out = original(tokens, seed=seed, step=step, **kw)
+        weights = np.ones(out["targets"].shape, np.float32)
+        if step == bad_step:
+            weights[0, 0] = np.nan
+        return {**out, "weights": weights}
+
+    monkeypatch.setattr(train, "make_clm_batch", batch)
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(corpus, tmp_path, monkeypatch):
+    _nan_at(monkeypatch, 7)  # the 8th step
+    with pytest.raises(FloatingPointError, match="at step 8"):
+        train.main(_args(corpus, tmp_path / "stop"))
+    with checkpoint.Checkpointer(tmp_path / "stop" / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [6]
+
+    assert train.main(_args(corpus, tmp_path / "skip", "--skip-nonfinite")) == 0
+    params = _leaves(_params(tmp_path / "skip", 12))
+    assert all(np.isfinite(v).all() for v in params.values())
+
+
+def test_corrupt_latest_checkpoint_falls_back(base_run, corpus, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    with checkpoint.Checkpointer(out / "checkpoints") as ckpt:
+        steps = ckpt.all_steps()
+    assert steps[-1] == 40 and len(steps) >= 2
+    for root, _, files in os.walk(out / "checkpoints" / "40" / "params"):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(0)
+    flags = ("--lr", "1e-2", "--eval-every", "20")
+    with pytest.warns(UserWarning, match="step 40 .* unreadable"):
+        assert train.main(_args(corpus, out, *flags, steps=40)) == 0
+    # it resumed from the previous checkpoint and re-trained the lost steps exactly
+    want = _leaves(_params(base_run, 40))
+    got = _leaves(_params(out, 40))
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_init_from_with_freezing(base_run, corpus, tmp_path):
+    out = tmp_path / "finetune"
+    freeze = "^(embedder|blocks/layer_0)/"
+    assert train.main(_args(corpus, out, "--init-from", base_run, "--freeze", freeze, steps=6)) == 0
+    before, after = _leaves(_params(base_run, 40)), _leaves(_params(out, 6))
+    assert before.keys() == after.keys()
+    for key in before:
+        frozen = key.startswith(("embedder/", "blocks/layer_0/"))
+        assert np.array_equal(before[key], after[key]) == frozen, key
+    with open(out / "config.json") as f:
+        assert json.load(f)["train"]["lr"] == pytest.approx(2e-4)  # a tenth of the default
+
+
+def test_grad_accumulation_matches_full_batch(corpus, tmp_path):
+    for name, k in (("full", "1"), ("accum", "2")):
+        assert train.main(_args(corpus, tmp_path / name, "--accum-steps", k, steps=3)) == 0
+    full, accum = _leaves(_params(tmp_path / "full", 3)), _leaves(_params(tmp_path / "accum", 3))
+    for key in full:
+        np.testing.assert_allclose(accum[key], full[key], rtol=2e-4, atol=2e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("flags, error", [
+    (["--batch-size", "0"], "expected a positive integer"),
+    (["--lr", "-1"], "expected a positive number"),
+    (["--dropout", "1.5"], "expected a number in [0, 1)"),
+    (["--objective", "gan"], "invalid choice"),
+    (["--num-heads", "three"], "invalid int value"),
+])
+def test_invalid_flags_exit_with_usage_error(corpus, tmp_path, flags, error, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(_args(corpus, tmp_path / "r", *flags))
+    assert e.value.code == 2
+    assert error in capsys.readouterr().err
+
+
+def test_errors_before_compiling(corpus, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("abcdefghij" * 2)
+    other = tmp_path / "other_tok"
+    from transformer_jax import tokenizers
+    tokenizers.build_tokenizer("char", "xyz").save(other)
+    cases = [
+        (["--data", str(tmp_path / "missing.txt")], "missing.txt"),
+        (["--data", str(empty)], "no text"),
+        (["--data", str(tiny)], "seq_len"),
+        (["--tokenizer", str(other)], "unknown to this char tokenizer"),
+        (["--accum-steps", "3"], "accum-steps"),
+        (["--warmup-steps", "50"], "warmup-steps"),
+        (["--freeze", "^nothing/"], "freeze"),
+        (["--seq-len", "32"], "max_len"),
+        (["--num-heads", "3"], "num_heads"),
+    ]
+    for flags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            train.main(_args(corpus, tmp_path / "r", *flags))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+    with pytest.raises(ValueError, match="--resume"):
+        train.main(_args(corpus, tmp_path / "none", "--resume"))
+
+
+def test_incompatible_out_dir_needs_overwrite(base_run, corpus, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    with pytest.raises(ValueError, match="d_model.*--overwrite"):
+        train.main(_args(corpus, out, "--d-model", "64", steps=2))
+    assert train.main(_args(corpus, out, "--d-model", "64", "--overwrite", steps=2)) == 0
+    with checkpoint.Checkpointer(out / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [2]
+
+
+def test_help_lists_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--preset", "--data", "--out-dir", "--max-steps", "--batch-size", "--seq-len",
+                 "--lr", "--seed", "--objective", "--tokenizer", "--eval-every",
+                 "--checkpoint-every", "--init-from", "--resume", "--mesh", "--freeze",
+                 "--accum-steps", "--skip-nonfinite", "--d-model", "--num-kv-heads", "--rope-base"):
+        assert flag in text, flag
