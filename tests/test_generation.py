@@ -452,6 +452,7 @@ def test_top_k_one_and_one_beam_equal_greedy_and_sampling_is_seeded(lm, lm_eos):
     (dict(rng="seed"), "rng"),
     (dict(prompts=np.ones((2, 3), np.int32), prompt_lengths=[3, 4]), "lengths"),
     (dict(prompts=np.ones((2, 3), np.float32)), "integer array"),
+    (dict(prompts=[[1.5, 2]]), "int token ids"),
 ])
 def test_bad_input_raises_before_compiling(lm, bad, match):
     model, params, *_ = lm

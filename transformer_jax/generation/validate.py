@@ -23,19 +23,27 @@ def prepare_prompts(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Right-padded int32 prompts `[batch, t]` and their lengths int32 `[batch]`.
 
-    `prompts` is a list of token-id lists (padded here, then `prompt_lengths` must be
-    None) or an integer array `[batch, t]` whose row b holds its prompt in the first
+    `prompts` is a list of token-id sequences (padded here, then `prompt_lengths` must
+    be None) or an integer array `[batch, t]` whose row b holds its prompt in the first
     `prompt_lengths[b]` entries (default: all t); padding entries are set to 0. The
-    width t is kept (it is a static shape of the compiled loop). Raises ValueError/TypeError for an empty batch, an empty prompt, lengths
-    out of range, or ids outside [0, vocab_size) (padding is not checked).
+    width t is kept (it is a static shape of the compiled loop). Raises
+    ValueError/TypeError for an empty batch, an empty prompt, lengths out of range, or
+    ids outside [0, vocab_size) (padding is not checked).
     """
-    if isinstance(prompts, (list, tuple)) and all(isinstance(p, (list, tuple)) for p in prompts):
+    if isinstance(prompts, (list, tuple)):
         if prompt_lengths is not None:
             raise ValueError("prompt_lengths must be None when prompts is a list of lists")
-        lengths = np.array([len(p) for p in prompts], np.int64)
-        array = np.zeros((len(prompts), max(lengths, default=0)), np.int64)
-        for row, prompt in enumerate(prompts):
-            array[row, : len(prompt)] = prompt
+        rows = [np.asarray(p) for p in prompts]
+        for row in rows:
+            if row.ndim != 1 or (row.size and not np.issubdtype(row.dtype, np.integer)):
+                raise TypeError(
+                    "prompts given as a list must hold 1-D sequences of int token ids, got an "
+                    f"element of dtype {row.dtype}, shape {row.shape}"
+                )
+        lengths = np.array([len(row) for row in rows], np.int64)
+        array = np.zeros((len(rows), max(lengths, default=0)), np.int64)
+        for i, row in enumerate(rows):
+            array[i, : len(row)] = row
     else:
         array = np.asarray(prompts)
         if array.ndim != 2 or not np.issubdtype(array.dtype, np.integer):
