@@ -24,11 +24,13 @@ rows (beam search), take along the batch axis of each leaf (axis 1 for scanned l
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from transformer_jax.models.checks import check_decode_lengths
 
@@ -42,20 +44,21 @@ def init_cache(model: nn.Module, batch_size: int, max_len: int, src_len: int | N
     """
     cfg = model.cfg
     for name, value in (("batch_size", batch_size), ("max_len", max_len)):
-        if not isinstance(value, int) or value <= 0:
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"{name}={value!r} must be a positive int")
     if cfg.pos_encoding == "learned" and max_len > cfg.max_len:
         raise ValueError(
             f"max_len={max_len} exceeds the learned position table (cfg.max_len={cfg.max_len})"
         )
-    tokens = jnp.zeros((batch_size, max_len), jnp.int32)
+    key = jax.random.key(0)
+    tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
     if hasattr(model, "encode"):  # EncoderDecoder: the cache lives in its decoder
-        encoded = jnp.zeros((batch_size, src_len or 1, cfg.d_model), cfg.compute_dtype)
-        init = lambda rng: model.init(rng, encoded, tokens, decode=True, method="decode")  # noqa: E731
+        encoded = jax.ShapeDtypeStruct((batch_size, src_len or 1, cfg.d_model), cfg.compute_dtype)
+        init = functools.partial(model.init, decode=True, method="decode")
+        shapes = jax.eval_shape(init, key, encoded, tokens)
     else:
-        init = lambda rng: model.init(rng, tokens, decode=True)  # noqa: E731
-    shapes = jax.eval_shape(init, jax.random.key(0))["cache"]
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        shapes = jax.eval_shape(functools.partial(model.init, decode=True), key, tokens)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
 class CachePosition(nn.Module):
