@@ -139,6 +139,18 @@ def test_state_shardings_rejects_unboxed_state_on_a_model_parallel_mesh():
     assert all(s.spec == jax.sharding.PartitionSpec() for s in jax.tree.leaves(out))
 
 
+def test_use_mesh_turns_logical_constraints_into_shardings():
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    constrain = lambda x: nn.with_logical_constraint(2 * x, ("batch", "length", "mlp"))  # noqa: E731
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 3, 4)), jnp.float32)
+    with sharding.use_mesh(mesh):
+        y = jax.jit(constrain)(x)
+    assert y.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None, "tensor")
+    np.testing.assert_array_equal(np.asarray(y), 2 * np.asarray(x))
+    # Outside, the annotation is a no-op: the result stays on x's single device.
+    assert len(jax.jit(lambda x: constrain(x) + 0)(x).sharding.device_set) == 1
+
+
 # --------------------------------------------------------------------------- batches
 
 

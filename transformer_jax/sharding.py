@@ -38,7 +38,9 @@ BATCH_AXES: tuple[str, ...] = ("data", "fsdp")
 # that array, so "batch" must come before "embed": an activation [batch, length, embed]
 # gets batch -> (data, fsdp) and leaves embed unsplit, while a parameter [vocab, embed]
 # gets vocab -> tensor, embed -> fsdp.
-LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+LOGICAL_RULES: Rules = (
     ("batch", BATCH_AXES),
     ("length", None),
     ("vocab", "tensor"),
@@ -50,17 +52,17 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
 )
 
-# Tensor parallelism splits attention whole heads; any other dimension the mesh does
-# not divide is simply left unsplit.
+# Tensor parallelism gives each device whole attention heads; any other dimension the
+# mesh does not divide is left unsplit instead.
 _MUST_DIVIDE = frozenset({"heads"})
 
 
 # --------------------------------------------------------------------------- processes
 
-# Multi-process launchers whose variables jax.distributed.initialize() reads by itself
-# (see jax._src.clusters); each entry: (variable holding the process count, or a
-# host list whose commas separate processes).
+# Variables by which cluster launchers tell a process it is one of several; JAX reads
+# the coordinator, count and id from them itself (jax._src.clusters). Process counts:
 _LAUNCHER_PROCESS_COUNTS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Comma-separated host lists (GKE TPU):
 _LAUNCHER_HOST_LISTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
 
 
@@ -95,9 +97,10 @@ def initialize_distributed(
     Each argument falls back to the environment variables `JAX_COORDINATOR_ADDRESS`
     ("host:port" of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`; whatever is
     still unset is detected by JAX from the launcher (Slurm `srun`, Open MPI `mpirun`,
-    Cloud TPU metadata). With nothing given and no multi-process launcher detected this
-    is a no-op, so single-process runs need no flags. Calling it again once initialized
-    is also a no-op.
+    GKE, Cloud TPU metadata). With nothing given and no multi-process launcher detected
+    this is a no-op, so single-process runs need no flags; on Cloud TPU VMs, whose
+    launcher sets no variables, pass `num_processes` (or set JAX_NUM_PROCESSES) to opt
+    in. Calling it again once initialized is also a no-op.
 
     Raises:
       ValueError / TypeError: a malformed argument or environment variable.
@@ -199,7 +202,7 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
+def use_mesh(mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Iterator[Mesh]:
     """Make `mesh` and the logical-axis `rules` current, so the models'
     `nn.with_logical_constraint` activation annotations become sharding constraints.
 
@@ -219,7 +222,7 @@ def _mesh_axes_of(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
     return (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def _box_spec(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules) -> tuple[PartitionSpec, list[str]]:
+def _box_spec(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules: Rules) -> tuple[PartitionSpec, list[str]]:
     """PartitionSpec of one boxed parameter, and notes on the dimensions left unsplit
     because the mesh does not divide them."""
     names = tuple(box.names)
@@ -253,7 +256,7 @@ def _box_spec(path: str, box: nn.LogicallyPartitioned, mesh: Mesh, rules) -> tup
     return PartitionSpec(*spec), unsplit
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> Any:
     """NamedShardings for a train state, from its abstract (`jax.eval_shape`) version
     whose parameters (and the optimizer moments that mirror them) are still
     `nn.LogicallyPartitioned` boxes.
@@ -330,7 +333,7 @@ def process_batch_slice(mesh: Mesh, global_batch_size: int) -> slice:
     if starts != list(range(starts[0], starts[0] + len(starts))):
         raise ValueError(
             f"this process's devices hold non-contiguous batch shards {starts} of the mesh "
-            f"{dict(mesh.shape)}; put the data axis outermost"
+            f"{dict(mesh.shape)}, which one slice of rows cannot describe"
         )
     return slice(starts[0] * rows, (starts[-1] + 1) * rows)
 
