@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax.config import get_config
+from transformer_jax.config import REMAT_POLICIES, get_config
 from transformer_jax.layers import (
     FeedForward,
     MultiHeadAttention,
@@ -18,6 +18,7 @@ from transformer_jax.layers import (
     sinusoidal_encoding,
     write_cache,
 )
+from transformer_jax.layers.blocks import REMAT_POLICY_FNS
 
 LOGICAL_NAMES = {"embed", "vocab", "heads", "kv_heads", "head_dim", "mlp", "layers", None}
 
@@ -208,3 +209,9 @@ def test_parameters_carry_logical_axis_names():
         for leaf in leaves:
             assert isinstance(leaf, nn.LogicallyPartitioned)
             assert len(leaf.names) == len(leaf.value.shape) and set(leaf.names) <= LOGICAL_NAMES
+
+
+def test_every_configurable_remat_policy_has_a_jax_policy():
+    assert set(REMAT_POLICY_FNS) == set(REMAT_POLICIES) - {"none"}
+    for name, policy in REMAT_POLICY_FNS.items():
+        assert policy is None or callable(policy), name

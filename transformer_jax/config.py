@@ -211,7 +211,7 @@ def count_params(cfg: ModelConfig, model: str = "decoder_lm") -> int:
         "encoder_decoder": "EncoderDecoder",
     }[model]
     module = getattr(models, class_name)(cfg)
-    tokens = jnp.zeros((1, 1), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     args = (tokens, tokens) if model == "encoder_decoder" else (tokens,)
     shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
