@@ -35,13 +35,6 @@ _MODEL_FLAG_SKIP = ("dtype", "dropout_rate")  # spelled --dtype and --dropout
 _RESUMABLE_CHANGES = ("max_steps", "eval_every", "eval_batches", "checkpoint_every",
                       "log_every", "keep_checkpoints", "skip_nonfinite", "sample_tokens")
 
-# bf16 dense peak FLOP/s per device, from the vendors' data sheets (for MFU).
-PEAK_FLOPS = (
-    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
-    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
-    ("TPU v5", 459e12), ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
-)
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -433,12 +426,6 @@ def _plot_losses(records: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-def peak_flops(device) -> float | None:
-    """bf16 dense peak FLOP/s of `device` from PEAK_FLOPS, or None (CPU, unknown)."""
-    kind = getattr(device, "device_kind", "")
-    return next((flops for name, flops in PEAK_FLOPS if name.lower() in kind.lower()), None)
-
-
 # ------------------------------------------------------------------------- train
 
 
@@ -559,10 +546,11 @@ def train(args: argparse.Namespace) -> int:
             return float(total / max(weight, 1.0))
 
         log = RunLog(args.out_dir, start, enabled=is_main)
-        peak = peak_flops(jax.devices()[0]) if accelerator else None
+        peak = training.peak_flops(jax.devices()[0])
         flops_tok = _flops_per_token(cfg, args) if peak else None
         bar = _progress(args.max_steps, start, enabled=is_main and sys.stderr.isatty())
         t_log, step_log, pending, skipped = time.perf_counter(), start, None, 0
+        t_start = t_log
 
         def check(done: int, metrics) -> dict:
             nonlocal skipped
@@ -595,9 +583,10 @@ def train(args: argparse.Namespace) -> int:
                 rate = (done - step_log) * task.tokens_per_batch / (now - t_log)
                 t_log, step_log = now, done
                 record = {"step": done, "train_loss": float(m["loss"]), "lr": float(schedule(step)),
-                          "tokens_per_sec": rate, "grad_norm": float(m["grad_norm"])}
-                if peak:
-                    record["mfu"] = rate * flops_tok / (peak * jax.device_count())
+                          "tokens_per_sec": rate, "grad_norm": float(m["grad_norm"]),
+                          "elapsed_sec": now - t_start}
+                if peak and flops_tok:
+                    record["mfu"] = rate * flops_tok / (peak * (mesh.size if mesh else 1))
                 val_loss = None
                 if last or done % args.eval_every == 0:
                     val_loss = evaluate(state.params)
@@ -702,20 +691,33 @@ def _load_init_params(run_dir: str, target: Any, say) -> Any:
 def _clm_sample(model, params, tokenizer, prompt: str, max_new_tokens: int, *, seed: int,
                 strategy: str = "sample", temperature: float = 0.8, top_k: int | None = None,
                 top_p: float | None = None, num_beams: int = 4) -> str:
-    """The prompt followed by its continuation, decoded to text."""
+    """The prompt followed by `max_new_tokens` generated tokens, as text.
+
+    Beyond the model's context (cfg.max_len) generation continues in windows whose
+    prompt is the last half-context, so a sample can be longer than the context.
+    """
     import jax
-    import jax.numpy as jnp
 
     from transformer_jax.generation import generate
 
-    ids = jnp.asarray(tokenizer.encode(prompt), jnp.int32)[None]
-    out = generate(model, params, ids, max_new_tokens=max_new_tokens, strategy=strategy,
-                   temperature=temperature, top_k=top_k, top_p=top_p, num_beams=num_beams,
-                   rng=jax.random.PRNGKey(seed))
-    tokens = np.asarray(out.tokens)[0]
-    if tokens.ndim > 1:  # all beams: the best first
-        tokens = tokens[0]
-    return prompt + tokenizer.decode(tokens)
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    if not ids:
+        raise ValueError(f"--prompt={prompt!r} encodes to no tokens")
+    keep = model.cfg.max_len // 2
+    options = dict(strategy=strategy, num_beams=num_beams)
+    if strategy == "sample":
+        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    key, new = jax.random.PRNGKey(seed), []
+    while len(new) < max_new_tokens:
+        window = (ids + new)[-keep:]
+        key, step_key = jax.random.split(key)
+        if strategy == "sample":
+            options["rng"] = step_key
+        # always the longest continuation that fits, so every window reuses one compilation
+        out = generate(model, params, [window], max_new_tokens=model.cfg.max_len - len(window) + 1,
+                       **options)
+        new += [int(t) for t in np.asarray(out.tokens)[0]]
+    return prompt + tokenizer.decode(new[:max_new_tokens])
 
 
 def sample(argv: list[str]) -> int:

@@ -67,7 +67,8 @@ def _leaves(tree):
 def base_run(corpus, tmp_path_factory):
     """A 40-step run shared by the tests that need a trained run."""
     out = tmp_path_factory.mktemp("base") / "run"
-    assert train.main(_args(corpus, out, "--lr", "1e-2", "--eval-every", "20", steps=40)) == 0
+    assert train.main(_args(corpus, out, "--lr", "1e-2", "--eval-every", "20", "--sample-tokens", "20",
+                            steps=40)) == 0
     return str(out)
 
 
@@ -80,7 +81,8 @@ def test_loss_decreases_and_outputs_are_written(base_run):
     assert len(val) == 2 and val[-1] < 0.7 * np.log(14)  # well below uniform over the ~14 symbols
     assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
     names = os.listdir(base_run)
-    for expected in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints"):
+    for expected in ("config.json", "tokenizer.json", "metrics.jsonl", "loss.png", "checkpoints",
+                     "sample.txt"):
         assert expected in names
     assert any(n.startswith("events.out.tfevents") for n in names)
     with open(os.path.join(base_run, "config.json")) as f:
@@ -254,3 +256,18 @@ def test_help_lists_every_flag(capsys):
                  "--checkpoint-every", "--init-from", "--resume", "--mesh", "--freeze",
                  "--accum-steps", "--skip-nonfinite", "--d-model", "--num-kv-heads", "--rope-base"):
         assert flag in text, flag
+
+
+def test_sample_subcommand(base_run, capsys):
+    with open(os.path.join(base_run, "sample.txt")) as f:
+        final_sample = f.read()
+    assert len(final_sample) >= 20 and set(final_sample) <= set("the cat sat on a mat and dog ran to it\n")
+    capsys.readouterr()
+    argv = ["sample", "--out-dir", base_run, "--prompt", "the ", "--max-new-tokens", "30"]
+    assert train.main(argv + ["--strategy", "greedy"]) == 0
+    greedy = capsys.readouterr().out.rstrip("\n")
+    assert greedy.startswith("the ") and len(greedy) == 4 + 30  # one char per token
+    assert train.main(argv + ["--strategy", "greedy"]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == greedy
+    with pytest.raises(ValueError, match="holds no run"):
+        train.main(["sample", "--out-dir", os.path.join(base_run, "nothing")])

@@ -29,6 +29,14 @@ _NO_DECAY = re.compile(r"bias|scale|norm|embed", re.IGNORECASE)
 
 LossFn = Callable[..., tuple[jax.Array, jax.Array]]
 
+# Dense bf16 peak FLOP/s per device (vendor data sheets), for model FLOPs utilisation.
+# Matched in order against jax's device_kind, so the specific names come first.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),
+    ("TPU v4", 275e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12),
+)
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -297,3 +305,9 @@ def _split_micro(x: jax.Array, accum_steps: int) -> jax.Array:
     # Micro-batch i takes rows i, i+k, i+2k, ...: with the batch sharded in contiguous
     # blocks over devices, every device then feeds every micro-batch (no resharding).
     return jnp.swapaxes(x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]), 0, 1)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """Dense bf16 peak FLOP/s of `device` from PEAK_FLOPS; None for CPUs and unknown kinds."""
+    kind = getattr(device, "device_kind", "").lower()
+    return next((flops for name, flops in PEAK_FLOPS if name.lower() in kind), None)
