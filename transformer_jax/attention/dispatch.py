@@ -1,15 +1,16 @@
 """Which implementation serves a call, and why.
 
 Auto rules (implementation=None), in order:
-  1. Dropout, segment ids, logits soft-capping or an explicit precision: only reference
-     and blockwise implement these; go to 3.
-  2. On GPU: "cudnn" if jax.nn's cuDNN kernel accepts the call (dtype, head_dim, mask
-     kind); else "pallas" if its `supports()` accepts it.
-  3. "reference" while one head's score matrix is small (q_len * kv_len <=
-     REFERENCE_MAX_SCORES), else "blockwise". On this project's 2-core CPU the reference
-     was faster up to about that size (benchmarks/attention.py); beyond it, the reference's
-     O(n^2) memory dominates. KV-cache decoding (q_len 1..T, kv_len = cache length) stays
-     on the cheap reference path.
+  1. On GPU: "cudnn" if jax.nn's cuDNN kernel accepts the call (it has no segment ids,
+     soft-capping, dropout or precision; it checks dtype, head_dim and mask kind itself);
+     else "pallas" if its `supports()` accepts it (no dense bias/mask, no dropout).
+  2. "reference" while one head's score matrix is small (q_len * kv_len <=
+     REFERENCE_MAX_SCORES = 128 * 128), else "blockwise". Measured with
+     benchmarks/attention.py on the project's shared 2-core CPU (2026-11-22, float32,
+     4 heads, d=64, noisy): at 128 the two are even (each won half the cases), from 256
+     on blockwise's forward+backward was 1.5-5x faster and its forward no slower. The same
+     threshold is used on GPU, where it is not yet measured. KV-cache decoding (q_len 1
+     against kv_len <= 16384) stays on the cheap reference path.
 A named implementation that cannot serve the call raises ValueError; it never falls back.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from transformer_jax.attention import jax_nn
 from transformer_jax.attention.arguments import IMPLEMENTATIONS, Operands, Options
 
 # q_len * kv_len of one head at which blockwise becomes the better choice (measured on CPU).
-REFERENCE_MAX_SCORES = 512 * 512
+REFERENCE_MAX_SCORES = 128 * 128
 
 
 class Selection(NamedTuple):
