@@ -29,10 +29,11 @@ def default_block_sizes() -> tuple[int, int]:
     """(block_q, block_k) when the caller gives none.
 
     CPU: 256 x 256 did best overall in a rough (noisy, shared 2-core) sweep of 128..512.
-    Accelerators: 512 x 512 to keep the number of loop steps (kernel launches) down;
-    not yet measured on a GPU.
+    Accelerators: 1024 x 1024, because every block is one step of a sequential loop and
+    per-step overhead (kernel launches, loop predicate) dominates small blocks there;
+    a guess, not yet measured on a GPU.
     """
-    return (256, 256) if jax.default_backend() == "cpu" else (512, 512)
+    return (256, 256) if jax.default_backend() == "cpu" else (1024, 1024)
 
 
 @dataclasses.dataclass(frozen=True)
