@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from transformer_jax.generation import beam, loop, processors
+from transformer_jax.config import get_config
+from transformer_jax.generation import beam, generate, loop, processors
+from transformer_jax.models import DecoderLM, EncoderDecoder
 
 VOCAB = 5
 EOS = 4
@@ -275,10 +277,6 @@ def test_one_beam_never_scores_below_greedy():
 
 
 # ------------------------------------------------------------------ model level
-from transformer_jax.config import get_config  # noqa: E402
-from transformer_jax.generation import generate  # noqa: E402
-from transformer_jax.models import DecoderLM, EncoderDecoder  # noqa: E402
-
 NEW = 6  # new tokens per row in the model-level tests
 WIDTH = 5  # padded prompt width
 
@@ -292,6 +290,7 @@ def random_params(model, *inputs, seed, std=0.5):
     rng = np.random.default_rng(seed)
 
     def draw(path, shape):
+        # the parameter's name; leaves boxed in nn.LogicallyPartitioned end in `.value`
         name = path[-1].key if hasattr(path[-1], "key") else path[-2].key
         if name in ("bias", "scale"):
             return jnp.full(shape.shape, float(name == "scale"), shape.dtype)
