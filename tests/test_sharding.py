@@ -306,6 +306,12 @@ def test_sharded_training_matches_one_device(one_device_run, spec):
         assert split_leaves(state) == []
 
 
+def test_decoder_lm_heads_not_divisible_by_tensor_fail_before_compiling():
+    # The tiny DecoderLM has 4 heads; the error comes from the abstract state alone.
+    with pytest.raises(ValueError, match=r"\['self_attn'\]\['\w+'\]\['kernel'\]: heads \(4\) is not divisible by the size 8"):
+        worker.compiled(sharding.make_mesh("tensor=8"))
+
+
 def test_checkpoint_from_8_devices_restores_on_1_and_4(one_device_run, tmp_path):
     batches, _, ref_losses = one_device_run
     state, _ = worker.train(sharding.make_mesh("data=2,fsdp=2,tensor=2"), batches[:2])
