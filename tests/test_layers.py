@@ -215,3 +215,18 @@ def test_every_configurable_remat_policy_has_a_jax_policy():
     assert set(REMAT_POLICY_FNS) == set(REMAT_POLICIES) - {"none"}
     for name, policy in REMAT_POLICY_FNS.items():
         assert policy is None or callable(policy), name
+
+
+def test_attention_initialises_under_a_mesh_with_logical_rules():
+    """Every kernel keeps its true shape at init, so logical constraints apply to it."""
+    cfg = get_config("tiny", num_kv_heads=2)
+    auto = (jax.sharding.AxisType.Auto,) * 3
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"), axis_types=auto)
+    rules = [("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("head_dim", None)]
+    x = normal(13, (2, 4, cfg.d_model))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params = jax.jit(MultiHeadAttention(cfg).init)(jax.random.key(0), x)["params"]
+    # (Flax's DenseGeneral raises here: its init constrains a flattened 2-D kernel.)
+    query = params["query"]["kernel"]
+    assert query.value.shape == (cfg.d_model, cfg.num_heads, cfg.head_dim)
+    assert nn.get_partition_spec(params)["out"]["kernel"] == jax.sharding.PartitionSpec("heads", "head_dim", "embed")

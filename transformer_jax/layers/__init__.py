@@ -1,5 +1,5 @@
 """Transformer building blocks (Flax Linen): embeddings, positions, attention, MLP, norms, blocks."""
-from transformer_jax.layers.attention import MultiHeadAttention, write_cache
+from transformer_jax.layers.attention import MultiHeadAttention, Projection, write_cache
 from transformer_jax.layers.blocks import Block, BlockStack
 from transformer_jax.layers.embeddings import Embedder, LMHead, TokenEmbedding
 from transformer_jax.layers.feedforward import FeedForward
@@ -20,6 +20,7 @@ __all__ = [
     "LMHead",
     "LearnedPositions",
     "MultiHeadAttention",
+    "Projection",
     "TokenEmbedding",
     "apply_rotary",
     "make_norm",

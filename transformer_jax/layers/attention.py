@@ -38,6 +38,35 @@ def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, valid: j
     return cache.at[rows, slots].set(new.astype(cache.dtype), mode="drop")
 
 
+class Projection(nn.Module):
+    """`einsum(equation, x, kernel) + bias`, the kernel kept in its true shape.
+
+    kernel: `shape`, float32, logical `axes`, normal(std); bias: the kernel dims that
+    survive into the output. (Flax's DenseGeneral initialises a flattened 2-D kernel,
+    which breaks the logical sharding constraint of a 3-D kernel under a mesh.)
+    """
+
+    equation: str
+    shape: tuple[int, ...]
+    axes: tuple[str, ...]
+    use_bias: bool
+    dtype: jnp.dtype
+    std: float = init.INIT_STD
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", init.normal(self.axes, self.std), self.shape, jnp.float32)
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if not self.use_bias:
+            return y
+        kernel_spec, out_spec = self.equation.split(",")[1].split("->")
+        kept = [i for i, c in enumerate(kernel_spec) if c in out_spec]
+        bias = self.param(
+            "bias", init.zeros(tuple(self.axes[i] for i in kept)), tuple(self.shape[i] for i in kept), jnp.float32
+        )
+        return y + bias.astype(self.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Self-attention (`inputs_kv=None`) or cross-attention, `[b, t, d_model] -> [b, t, d_model]`.
 
@@ -75,15 +104,15 @@ class MultiHeadAttention(nn.Module):
         is_self = inputs_kv is None
         kv_in = inputs_q if is_self else inputs_kv
 
-        def project(heads: int, axes: tuple[str, str, str], name: str, x: jax.Array) -> jax.Array:
-            return nn.DenseGeneral(
-                (heads, cfg.head_dim), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                kernel_init=init.normal(axes), bias_init=init.zeros(axes[1:]), name=name,
+        def project(heads: int, kind: str, name: str, x: jax.Array) -> jax.Array:
+            return Projection(
+                "btd,dhk->bthk", (cfg.d_model, heads, cfg.head_dim), ("embed", kind, "head_dim"),
+                cfg.use_bias, cfg.compute_dtype, name=name,
             )(x)
 
-        q = project(cfg.num_heads, ("embed", "heads", "head_dim"), "query", inputs_q)
-        k = project(cfg.kv_heads, ("embed", "kv_heads", "head_dim"), "key", kv_in)
-        v = project(cfg.kv_heads, ("embed", "kv_heads", "head_dim"), "value", kv_in)
+        q = project(cfg.num_heads, "heads", "query", inputs_q)
+        k = project(cfg.kv_heads, "kv_heads", "key", kv_in)
+        v = project(cfg.kv_heads, "kv_heads", "value", kv_in)
         if is_self and cfg.pos_encoding == "rotary":
             q = apply_rotary(q, positions, cfg.rope_base)
             k = apply_rotary(k, positions, cfg.rope_base)
@@ -103,10 +132,9 @@ class MultiHeadAttention(nn.Module):
             dropout_rate=cfg.attention_dropout_rate, deterministic=dropout_rng is None,
         )
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
-        return nn.DenseGeneral(
-            cfg.d_model, axis=(-2, -1), use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-            kernel_init=init.normal(("heads", "head_dim", "embed"), self.out_std),
-            bias_init=init.zeros(("embed",)), name="out",
+        return Projection(
+            "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
+            cfg.use_bias, cfg.compute_dtype, self.out_std, name="out",
         )(out)
 
     def _update_cache(
