@@ -85,6 +85,8 @@ def normalise(
         raise ValueError(f"key batch size must equal query's ({b}), got key shape {key.shape}")
     if key.shape[3] != d:
         raise ValueError(f"key head_dim must equal query's ({d}), got key shape {key.shape}")
+    if t == 0 or s == 0 or d == 0:
+        raise ValueError(f"q_len, kv_len and head_dim must be >= 1, got query {query.shape}, key {key.shape}")
     if kv_heads == 0 or n % kv_heads != 0:
         raise ValueError(
             f"key/value heads ({kv_heads}) must divide query heads ({n}); "
