@@ -101,11 +101,11 @@ def test_flax_attention_dropout():
     assert not np.allclose(noisy[0], noisy[2]) and not np.allclose(noisy[0], clean)
 
 
-def test_deterministic_none_means_no_dropout():
+def test_deterministic_true_or_none_without_rate_means_no_dropout():
     q, k, v = qkv()
     plain = dot_product_attention(q, k, v)
-    for deterministic in (None, True):
-        out = dot_product_attention(q, k, v, dropout_rate=0.5, dropout_rng=jax.random.key(0),
+    for deterministic, rate in ((True, 0.5), (None, 0.0), (False, 0.0)):
+        out = dot_product_attention(q, k, v, dropout_rate=rate, dropout_rng=jax.random.key(0),
                                     deterministic=deterministic)
         np.testing.assert_array_equal(out, plain)
 
@@ -142,6 +142,8 @@ BAD_CALLS = {
     "soft cap": (dict(logits_soft_cap=0.0), ValueError, "logits_soft_cap"),
     "dropout rate": (dict(dropout_rate=1.0), ValueError, "dropout_rate"),
     "dropout rng": (dict(dropout_rate=0.1, deterministic=False), ValueError, "dropout_rng"),
+    "deterministic": (dict(dropout_rate=0.1, deterministic=None), ValueError, "deterministic"),
+    "empty": (dict(query=Q[:, :0]), ValueError, "q_len"),
 }
 
 

@@ -70,8 +70,10 @@ def dot_product_attention(
       logits_soft_cap: if set, logits -> cap * tanh(logits / cap) before bias and masks.
       dropout_rng, dropout_rate, broadcast_dropout, deterministic: attention-weight
         dropout as in flax (reference and blockwise only). Active only when
-        deterministic is False and dropout_rate > 0; broadcast_dropout shares one mask
-        across batch and heads.
+        deterministic is False and dropout_rate > 0 (deterministic=None with a positive
+        rate is an error, as in flax's module); broadcast_dropout shares one mask across
+        batch and heads. The mask is a hash of (seed, query position, key position), so
+        it does not depend on the implementation or the block sizes.
       dtype: if given, query/key/value are cast to it first.
       precision: matmul precision (reference and blockwise only).
     Returns:

@@ -119,8 +119,11 @@ def normalise(
         raise ValueError(f"logits_soft_cap must be a positive float or None, got {logits_soft_cap!r}")
     if not isinstance(dropout_rate, (int, float)) or not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"dropout_rate must be a float in [0, 1), got {dropout_rate!r}")
-    # flax's MultiHeadDotProductAttention always passes a bool; None means "no dropout".
-    active_dropout = float(dropout_rate) if (deterministic is False and dropout_rate > 0) else 0.0
+    # As flax's MultiHeadDotProductAttention (merge_param): with dropout on, whether this
+    # is a training call must be stated; it never passes None itself.
+    if deterministic is None and dropout_rate > 0:
+        raise ValueError(f"deterministic must be True or False when dropout_rate={dropout_rate} > 0, got None")
+    active_dropout = float(dropout_rate) if (not deterministic and dropout_rate > 0) else 0.0
     if active_dropout and dropout_rng is None:
         raise ValueError(
             f"dropout_rng is required when dropout_rate={dropout_rate} and deterministic=False"
