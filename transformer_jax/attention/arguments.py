@@ -207,7 +207,9 @@ def _segments(segment_ids, b, t, s, unbatched):
         return {}
     if isinstance(segment_ids, (tuple, list)):
         if len(segment_ids) != 2:
-            raise ValueError(f"segment_ids must be an array or a (query_ids, kv_ids) pair, got {len(segment_ids)} items")
+            raise ValueError(
+                f"segment_ids must be an array or a (query_ids, kv_ids) pair, got {len(segment_ids)} items"
+            )
         q_ids, kv_ids = (_as_array(x, "segment_ids") for x in segment_ids)
     else:
         q_ids = kv_ids = _as_array(segment_ids, "segment_ids")
