@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--grad-clip", type=_nonneg_float, default=1.0, help="0 disables clipping")
     opt.add_argument("--label-smoothing", type=_fraction, default=None,
                      help="default: 0.1 for seq2seq, else 0")
+    opt.add_argument("--pooling", choices=("mean", "first"), default="mean",
+                     help="classify: how token states become one sentence vector")
     opt.add_argument("--freeze", default=None, metavar="REGEX",
                      help="freeze parameters whose path (e.g. encoder/layers_0/mlp/wi/kernel) matches")
     opt.add_argument("--skip-nonfinite", action="store_true",
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--keep-checkpoints", type=_positive_int, default=3,
                      help="keep this many newest checkpoints, plus the best by val loss")
     log.add_argument("--sample-tokens", type=_nonneg_int, default=300,
-                     help="tokens of the final sample (clm)")
+                     help="tokens of the final clm sample; 0 skips the final sample of any objective")
     dist = p.add_argument_group("devices")
     dist.add_argument("--mesh", default=None,
                       help="device mesh, e.g. 'data=-1' or 'data=2,fsdp=2,tensor=2' (default: one device)")
@@ -161,11 +163,11 @@ def _resolve_defaults(args: argparse.Namespace, accelerator: bool) -> None:
     if accelerator:
         preset, batch, seq, steps, lr, every = "char-small", 64, 256, 5000, 1e-3, 250
     else:
-        preset, batch, seq, steps, lr, every = None, 32, 128, 600, 2e-3, 100
+        preset, batch, seq, steps, lr, every = None, 16, 64, 1000, 2e-3, 250
     if args.preset is None and args.init_from is None:
         args.preset = preset or "char-small"
-        if preset is None:  # shrink char-small to a CPU budget
-            for name, value in dict(d_model=128, num_heads=4, num_layers=3, d_ff=512,
+        if preset is None:  # char-small shrunk to a few CPU minutes (nanoGPT's "baby GPT")
+            for name, value in dict(d_model=128, num_heads=4, num_layers=4, d_ff=512,
                                     max_len=seq).items():
                 if getattr(args, "model_" + name) is None:
                     setattr(args, "model_" + name, value)
@@ -211,6 +213,7 @@ class Task:
     baseline: float | None = None  # unigram entropy (nats) of the training tokens
     init_kwargs: dict | None = None  # keyword inputs of model.init besides init_args
     extra: dict = dataclasses.field(default_factory=dict)  # saved in config.json
+    show: Callable[[Any], str] | None = None  # params -> the final sample / demonstration
 
 
 def make_clm_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
@@ -265,11 +268,17 @@ def build_task(args, cfg_fn: Callable, tokenizer) -> tuple[Task, Any, Any]:
                                                           seq_len=t, tokenizer=tokenizer)
                 return {"inputs": ids, "targets": labels, "weights": weights}
             model = models.MaskedLM(cfg)
+        val = [make(splits.val, seed=seed + 1, step=i) for i in range(args.eval_batches)]
+        if args.objective == "clm":
+            prompt = tokenizer.decode(np.asarray(splits.val[:32]))
+            show = lambda params: _clm_sample(model, params, tokenizer, prompt,  # noqa: E731
+                                              args.sample_tokens, seed=seed)
+        else:
+            show = lambda params: _accuracy(  # noqa: E731
+                model, params, val, "inputs", "targets", "masked-token accuracy on the validation batches")
         task = Task(model, (np.zeros((1, t), np.int32),),
-                    lambda step: make(splits.train, seed=seed, step=step),
-                    [make(splits.val, seed=seed + 1, step=i) for i in range(args.eval_batches)],
-                    tokens_per_batch=b * t, baseline=baseline,
-                    extra={"val_prompt": tokenizer.decode(np.asarray(splits.val[:64]))})
+                    lambda step: make(splits.train, seed=seed, step=step), val,
+                    tokens_per_batch=b * t, baseline=baseline, show=show)
         return task, cfg, tokenizer
 
     if args.objective == "seq2seq":
@@ -290,11 +299,12 @@ def build_task(args, cfg_fn: Callable, tokenizer) -> tuple[Task, Any, Any]:
             keys = ("src", "tgt_in", "tgt_out", "src_mask", "tgt_mask")
             return dict(zip(keys, data.make_seq2seq_batch(
                 pairs, seed=seed, step=step, batch_size=b, src_len=src_len, tgt_len=tgt_len, **ids)))
-        task = Task(models.EncoderDecoder(cfg),
-                    (np.zeros((1, src_len), np.int32), np.zeros((1, tgt_len), np.int32)),
+        model = models.EncoderDecoder(cfg)
+        task = Task(model, (np.zeros((1, src_len), np.int32), np.zeros((1, tgt_len), np.int32)),
                     lambda step: make(train_pairs, seed=seed, step=step),
                     [make(val_pairs, seed=seed + 1, step=i) for i in range(args.eval_batches)],
-                    tokens_per_batch=b * tgt_len)
+                    tokens_per_batch=b * tgt_len,
+                    show=lambda params: _translate(model, params, tokenizer, val_pairs[:16], tgt_len))
         return task, cfg, tokenizer
 
     # classify: TSV rows (label<TAB>text) or the synthetic shuffled-window task
@@ -318,13 +328,46 @@ def build_task(args, cfg_fn: Callable, tokenizer) -> tuple[Task, Any, Any]:
         tokens, mask, labels = data.make_classify_batch(exs, seed=seed, step=step, batch_size=b,
                                                         seq_len=t, pad_id=tokenizer.pad_id)
         return {"tokens": tokens, "padding_mask": mask, "labels": labels}
-    task = Task(models.SequenceClassifier(cfg, num_classes=len(label_names)),
-                (np.zeros((1, t), np.int32),),
-                lambda step: make(train_ex, seed=seed, step=step),
-                [make(val_ex, seed=seed + 1, step=i) for i in range(args.eval_batches)],
+    model = models.SequenceClassifier(cfg, num_classes=len(label_names), pooling=args.pooling)
+    val = [make(val_ex, seed=seed + 1, step=i) for i in range(args.eval_batches)]
+    task = Task(model, (np.zeros((1, t), np.int32),),
+                lambda step: make(train_ex, seed=seed, step=step), val,
                 tokens_per_batch=b * t, init_kwargs={"padding_mask": np.ones((1, t), bool)},
-                extra={"label_names": label_names})
+                extra={"label_names": label_names},
+                show=lambda params: _accuracy(model, params, val, "tokens", "labels",
+                                              "accuracy on the validation batches"))
     return task, cfg, tokenizer
+
+
+def _accuracy(model, params, batches: list[dict], input_key: str, label_key: str, what: str) -> str:
+    """'<what>: 93.1% (of n)', argmax predictions against labels (weighted, if weights exist)."""
+    import jax
+
+    @jax.jit
+    def counts(params, batch):
+        logits = model.apply({"params": params}, batch[input_key],
+                             padding_mask=batch.get("padding_mask"))
+        weights = batch.get("weights", jax.numpy.ones(batch[label_key].shape))
+        return ((logits.argmax(-1) == batch[label_key]) * weights).sum(), weights.sum()
+
+    right, total = np.sum(jax.device_get([counts(params, b) for b in batches]), axis=0)
+    return f"{what}: {100 * right / max(total, 1):.1f}% (of {int(total)})"
+
+
+def _translate(model, params, tokenizer, pairs, max_new_tokens: int) -> str:
+    """Greedy translations of `pairs` (source, target ids), one per line, and the exact-match rate."""
+    from transformer_jax.generation import generate
+
+    out = generate(model, params, [[int(i) for i in src] for src, _ in pairs],
+                   max_new_tokens=max_new_tokens, strategy="greedy", bos_id=tokenizer.bos_id,
+                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    lines, right = [], 0
+    for (src, tgt), tokens, n in zip(pairs, np.asarray(out.tokens), np.asarray(out.lengths)):
+        pred = [int(i) for i in tokens[:n] if i != tokenizer.eos_id]
+        right += pred == [int(i) for i in tgt]
+        lines.append(f"{tokenizer.decode(src)!r} -> {tokenizer.decode(pred)!r} "
+                     f"(expected {tokenizer.decode(tgt)!r})")
+    return "\n".join(lines + [f"exact match: {right}/{len(pairs)}"])
 
 
 # ---------------------------------------------------------------------- run files
@@ -333,9 +376,9 @@ def build_task(args, cfg_fn: Callable, tokenizer) -> tuple[Task, Any, Any]:
 def _run_config(args, cfg, task: Task) -> dict:
     train_keys = ("objective", "data", "tokenizer", "batch_size", "seq_len", "accum_steps", "lr",
                   "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "label_smoothing",
-                  "freeze", "seed", "init_from", *_RESUMABLE_CHANGES)
+                  "freeze", "pooling", "seed", "init_from", *_RESUMABLE_CHANGES)
     return {"model": cfg.to_dict(), "train": {k: getattr(args, k) for k in train_keys},
-            "task": {k: v for k, v in task.extra.items() if k != "val_prompt"}}
+            "task": task.extra}
 
 
 def _check_out_dir(out_dir: str, config: dict, *, overwrite: bool, resume: bool) -> bool:
@@ -608,12 +651,11 @@ def train(args: argparse.Namespace) -> int:
             log.close()
         if skipped:
             say(f"{skipped} step(s) skipped for non-finite values")
-        if not stop.received and is_main and args.objective == "clm" and args.sample_tokens:
-            text = _clm_sample(task.model, state.params, tokenizer, task.extra["val_prompt"][-32:],
-                               args.sample_tokens, seed=args.seed)
+        if not stop.received and is_main and args.sample_tokens:
+            text = task.show(state.params)
             with open(os.path.join(args.out_dir, "sample.txt"), "w") as f:
-                f.write(text)
-            say("sample:\n" + text)
+                f.write(text + "\n")
+            say(("sample:\n" if args.objective in ("clm", "seq2seq") else "") + text)
     return 0
 
 

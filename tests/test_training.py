@@ -183,3 +183,14 @@ def test_init_train_state_abstract_keeps_partition_boxes():
     assert head.value.shape == (DIM, VOCAB)
     plain = _state(tx)
     assert jax.tree.structure(plain) == jax.tree.structure(nn.meta.unbox(abstract))
+
+
+@pytest.mark.parametrize("kind, flops", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12),
+    ("NVIDIA A100-SXM4-40GB", 312e12), ("TPU v5 lite", 197e12), ("TPU v5p", 459e12),
+    ("TPU v6 lite", 918e12), ("cpu", None),
+])
+def test_peak_flops_table(kind, flops):
+    class Device:
+        device_kind = kind
+    assert training.peak_flops(Device()) == flops
