@@ -105,9 +105,15 @@ def select_implementation(
     """Which implementation `dot_product_attention` would run for these arguments, and why.
 
     Takes exactly `dot_product_attention`'s arguments (arrays or jax.ShapeDtypeStruct for
-    query/key/value). Raises the same ValueError a call would for bad arguments or an
-    implementation that cannot serve them. The auto rules are documented in
-    `transformer_jax.attention.dispatch`.
+    query/key/value) and compiles nothing. Raises the same ValueError a call would for bad
+    arguments or for a named implementation that cannot serve them.
+
+    Auto rules (implementation=None), in order:
+      1. On GPU: "cudnn" if jax.nn's cuDNN kernel accepts the call; else "pallas" if the
+         Pallas kernel's `supports()` accepts it.
+      2. "reference" if q_len * kv_len <= dispatch.REFERENCE_MAX_SCORES (128 * 128:
+         where blockwise stopped losing on CPU), else "blockwise".
+    See `transformer_jax.attention.dispatch` for the measurements behind them.
     """
     defaults = dict(
         scale=None, is_causal=False, query_seq_lengths=None, key_value_seq_lengths=None,
