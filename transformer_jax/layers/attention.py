@@ -13,7 +13,10 @@ created (zero) by the first call, whose input length sets `cache_len` (see
 values at their positions and lets query j of row i attend to cache slots
 <= positions[i, j]. Slots past a row's position may hold stale values from padding;
 they are never attended and are overwritten before they are.
-Cross-attention is not cached: its keys and values are projected from `inputs_kv`.
+Cross-attention with `decode=True` caches `cross_key` / `cross_value`
+[batch, src_len, kv_heads, head_dim]: they are projected from `inputs_kv` by a call in
+which some row starts at position 0 (the prefill) and read back by every later call,
+which then ignores `inputs_kv` (a `lax.cond`, so the projection is skipped).
 """
 from __future__ import annotations
 
@@ -96,7 +99,7 @@ class MultiHeadAttention(nn.Module):
         """Attend from `inputs_q` [b, t, d_model] to `inputs_kv` [b, s, d_model] (or itself).
 
         mask: bool, broadcastable to [b, heads, t, s], True = attend (padding masks).
-        positions: int [b, t], for rotary encodings and the cache (self-attention).
+        positions: int [b, t], for rotary encodings and the caches.
         segment_ids: int [b, t], packed sequences attend within their segment.
         valid: bool [b, t], which tokens a decode call writes into the cache.
         """
@@ -110,9 +113,14 @@ class MultiHeadAttention(nn.Module):
                 cfg.use_bias, cfg.compute_dtype, name=name,
             )(x)
 
+        def project_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return project(cfg.kv_heads, "kv_heads", "key", x), project(cfg.kv_heads, "kv_heads", "value", x)
+
         q = project(cfg.num_heads, "heads", "query", inputs_q)
-        k = project(cfg.kv_heads, "kv_heads", "key", kv_in)
-        v = project(cfg.kv_heads, "kv_heads", "value", kv_in)
+        if decode and not is_self:
+            k, v = self._cross_cache(kv_in, positions, project_kv)
+        else:
+            k, v = project_kv(kv_in)
         if is_self and cfg.pos_encoding == "rotary":
             q = apply_rotary(q, positions, cfg.rope_base)
             k = apply_rotary(k, positions, cfg.rope_base)
@@ -136,6 +144,27 @@ class MultiHeadAttention(nn.Module):
             "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
             cfg.use_bias, cfg.compute_dtype, self.out_std, name="out",
         )(out)
+
+    def _cross_cache(self, encoded: jax.Array, positions: jax.Array, project_kv) -> tuple[jax.Array, jax.Array]:
+        """Cross-attention keys/values while decoding: projected from `encoded` when a
+        call starts at position 0 in any row (the prefill), read from the cache after."""
+        shape = (*encoded.shape[:2], self.cfg.kv_heads, self.cfg.head_dim)
+        dtype = self.cfg.compute_dtype
+        self.variable("cache", "cross_key", jnp.zeros, shape, dtype)
+        self.variable("cache", "cross_value", jnp.zeros, shape, dtype)
+        if self.is_initializing():
+            return project_kv(encoded)
+
+        def fresh(module: nn.Module, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+            k, v = project_kv(encoded)
+            module.variable("cache", "cross_key").value = k
+            module.variable("cache", "cross_value").value = v
+            return k, v
+
+        def cached(module: nn.Module, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+            return module.variable("cache", "cross_key").value, module.variable("cache", "cross_value").value
+
+        return nn.cond(jnp.any(positions[:, 0] == 0), fresh, cached, self, encoded)
 
     def _update_cache(
         self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array

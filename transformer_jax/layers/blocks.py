@@ -68,7 +68,9 @@ class Block(nn.Module):
         )
         if self.cross:
             cross_attn = MultiHeadAttention(cfg, out_std=out_std, name="cross_attn")
-            x = residual(x, lambda h: cross_attn(h, encoded, mask=cross_mask, **flags), "cross_attn")
+            x = residual(
+                x, lambda h: cross_attn(h, encoded, mask=cross_mask, positions=positions, **flags), "cross_attn"
+            )
         x = residual(x, FeedForward(cfg, out_std=out_std, name="mlp"), "mlp")
         return nn.with_logical_constraint(x, ACTIVATION_AXES)
 

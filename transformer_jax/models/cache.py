@@ -1,6 +1,7 @@
 """The KV cache: creating it, and per-row decode positions.
 
-Usage (DecoderLM; EncoderDecoder.decode the same way, with `encoded` passed along):
+Usage (DecoderLM; EncoderDecoder.decode the same way, with `encoded` passed along and
+`init_cache(model, batch_size, max_len, src_len=encoded.shape[1])`):
 
     cache = init_cache(model, batch_size, max_len)          # zeros, every row at position 0
     logits, state = model.apply(
@@ -18,7 +19,8 @@ meaningless). A row with decode_lengths[i] = 0 stays where it is. Positions
 `max_len` of them and writes past it are dropped.
 
 The cache is a pytree of arrays: per layer `cached_key` / `cached_value`
-[b, max_len, kv_heads, head_dim] in cfg.dtype (with `scan_layers`, a leading
+[b, max_len, kv_heads, head_dim] in cfg.dtype (EncoderDecoder: also `cross_key` /
+`cross_value` [b, src_len, kv_heads, head_dim]; with `scan_layers`, a leading
 "layers" axis: [num_layers, b, ...]), and `cache_position/index` int32 [b]. To reorder
 rows (beam search), take along the batch axis of each leaf (axis 1 for scanned layers).
 """
@@ -39,7 +41,8 @@ def init_cache(model: nn.Module, batch_size: int, max_len: int, src_len: int | N
     """An empty cache (zeros, positions 0) for `batch_size` rows of up to `max_len` tokens.
 
     model: a DecoderLM or EncoderDecoder. src_len: the source length of an
-    EncoderDecoder (cross-attention is not cached, so it only shapes the dummy input).
+    EncoderDecoder (required for it: its cache also holds the cross-attention keys
+    and values, [b, src_len, kv_heads, head_dim] per layer, filled by the first call).
     No parameters are created: the shapes come from `jax.eval_shape`.
     """
     cfg = model.cfg
@@ -53,7 +56,9 @@ def init_cache(model: nn.Module, batch_size: int, max_len: int, src_len: int | N
     key = jax.random.key(0)
     tokens = jax.ShapeDtypeStruct((batch_size, max_len), jnp.int32)
     if hasattr(model, "encode"):  # EncoderDecoder: the cache lives in its decoder
-        encoded = jax.ShapeDtypeStruct((batch_size, src_len or 1, cfg.d_model), cfg.compute_dtype)
+        if not isinstance(src_len, (int, np.integer)) or isinstance(src_len, bool) or src_len <= 0:
+            raise ValueError(f"src_len={src_len!r} must be a positive int for an EncoderDecoder")
+        encoded = jax.ShapeDtypeStruct((batch_size, src_len, cfg.d_model), cfg.compute_dtype)
         init = functools.partial(model.init, decode=True, method="decode")
         shapes = jax.eval_shape(init, key, encoded, tokens)
     else:

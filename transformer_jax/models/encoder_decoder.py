@@ -81,8 +81,9 @@ class EncoderDecoder(nn.Module):
     ) -> jax.Array:
         """encoded [b, s, d_model], tgt int [b, t] -> float32 logits [b, t, vocab_size].
 
-        decode=True: KV-cache step as in DecoderLM (decode_lengths int [b]); the
-        cross-attention keys and values are recomputed from `encoded` on every call.
+        decode=True: KV-cache step as in DecoderLM (decode_lengths int [b]). The
+        cross-attention keys and values are projected from `encoded` on the first call
+        (position 0) and cached; later calls ignore `encoded` (pass the same array).
         """
         cfg = self.cfg
         check_token_shape(tgt, cfg, "tgt")
