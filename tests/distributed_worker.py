@@ -45,7 +45,8 @@ def _model_and_step():
     return model, tx, step
 
 
-def _init(unbox: bool):
+def init_state(unbox: bool):
+    """The train state of the tiny model (traceable; see training.init_train_state)."""
     model, tx, _ = _model_and_step()
     return training.init_train_state(model, tx, (jnp.zeros((1, SEQ), jnp.int32),), seed=0, unbox=unbox)
 
@@ -53,8 +54,8 @@ def _init(unbox: bool):
 @functools.cache
 def compiled(mesh):
     """(state shardings, jitted init, jitted train step) for `mesh`, compiled once per mesh."""
-    shardings = sharding.state_shardings(jax.eval_shape(lambda: _init(False)), mesh)
-    init = jax.jit(lambda: _init(True), out_shardings=shardings)
+    shardings = sharding.state_shardings(jax.eval_shape(lambda: init_state(unbox=False)), mesh)
+    init = jax.jit(lambda: init_state(unbox=True), out_shardings=shardings)
     step = jax.jit(
         _model_and_step()[2],
         in_shardings=(shardings, sharding.batch_sharding(mesh)),
@@ -68,13 +69,14 @@ def train(mesh, global_batches, state=None):
     """Train from `state` (None: a fresh init on `mesh`) on `global_batches`; every
     process passes only its own rows. Returns (state, losses)."""
     _, init, step = compiled(mesh)
-    state = init() if state is None else state
     rows = sharding.process_batch_slice(mesh, BATCH)
     losses = []
-    for batch in global_batches:
-        local = {key: value[rows] for key, value in batch.items()}
-        state, metrics = step(state, sharding.make_global_batch(local, mesh))
-        losses.append(float(metrics["loss"]))
+    with sharding.use_mesh(mesh):  # as train.py: the models' activation constraints apply
+        state = init() if state is None else state
+        for batch in global_batches:
+            local = {key: value[rows] for key, value in batch.items()}
+            state, metrics = step(state, sharding.make_global_batch(local, mesh))
+            losses.append(float(metrics["loss"]))
     return state, losses
 
 

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax import sharding
+import distributed_worker as worker  # tests/ is on sys.path under pytest
+from transformer_jax import checkpoint, sharding
 
 
 # ------------------------------------------------------------------------------ mesh
@@ -247,10 +248,6 @@ def test_initialize_distributed_validates_environment(fake_initialize, monkeypat
 # A tiny DecoderLM (tests/distributed_worker.py) trained with training.make_train_step
 # under jit with explicit in/out shardings; every mesh must reproduce one device.
 
-import distributed_worker as worker  # noqa: E402  (tests/ is on sys.path under pytest)
-
-from transformer_jax import checkpoint  # noqa: E402
-
 STEPS = 3
 # Adam turns rounding differences of near-zero gradients (other reduction orders on
 # other meshes) into update differences of a fraction of the learning rate (3e-3).
@@ -264,10 +261,9 @@ def one_device_run():
     return batches, jax.device_get(state.params), losses
 
 
-def _query_kernel_spec(tree):
-    [spec] = [leaf.spec for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-              if "query" in jax.tree_util.keystr(path) and jax.tree_util.keystr(path).endswith("['kernel']")
-              and "opt_state" not in jax.tree_util.keystr(path)]
+def _query_kernel_spec(params_shardings):
+    [spec] = [leaf.spec for path, leaf in jax.tree_util.tree_leaves_with_path(params_shardings)
+              if jax.tree_util.keystr(path).endswith("['query']['kernel']")]
     return spec
 
 
@@ -283,7 +279,7 @@ def test_sharded_training_matches_one_device(one_device_run, spec):
     # Parameters and optimizer state live where the rules say ...
     shardings, _, _ = worker.compiled(mesh)
     assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), state, shardings))
-    assert _query_kernel_spec(shardings) == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    assert _query_kernel_spec(shardings.params) == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     # ... and each device really holds only its part of every split array.
     def split_leaves(tree):
         split = []
@@ -317,7 +313,7 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(one_device_run, tmp_path)
     state, _ = worker.train(sharding.make_mesh("data=2,fsdp=2,tensor=2"), batches[:2])
     with checkpoint.Checkpointer(str(tmp_path), async_save=False) as ckpt:
         ckpt.save(2, state)
-    abstract = jax.eval_shape(lambda: worker._init(True))
+    abstract = jax.eval_shape(lambda: worker.init_state(unbox=True))
     for mesh in (sharding.make_mesh(devices=jax.devices()[:1]), sharding.make_mesh("fsdp=2,tensor=2", jax.devices()[:4])):
         shardings, _, _ = worker.compiled(mesh)
         with checkpoint.Checkpointer(str(tmp_path)) as ckpt:
