@@ -17,6 +17,9 @@ class DecoderLM(nn.Module):
     `DecoderLM(cfg).init(rng, tokens)` / `.apply(variables, tokens)`; dropout (when
     `deterministic=False`) draws from the "dropout" rng stream. The final norm exists
     with pre-norm blocks only (post-norm blocks end normalised).
+
+    Token ids are not range-checked inside jit (out-of-range ids are clamped); check
+    concrete batches with `transformer_jax.models.check_tokens` first.
     """
 
     cfg: ModelConfig
@@ -75,5 +78,5 @@ class DecoderLM(nn.Module):
         )
         if self.cfg.norm_position == "pre":
             x = self.final_norm(x)
-        logits = self.lm_head(x) if not self.cfg.tie_embeddings else self.embedder.attend(x)
+        logits = self.embedder.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
