@@ -87,11 +87,12 @@ def test_encoder_decoder_methods_shapes():
 
 
 def test_gpt2_init_scales_residual_projections():
-    cfg = get_config("tiny", num_layers=8, d_model=64, d_ff=256, scan_layers=True)
-    params = nn.unbox(jax.jit(DecoderLM(cfg).init)(KEY, np.zeros((1, 4), np.int32))["params"])
+    cfg = get_config("tiny", num_layers=8, scan_layers=True)
+    key = jax.random.key(0, impl="rbg")  # compiles in half the time of threefry on CPU
+    params = nn.unbox(jax.jit(DecoderLM(cfg).init)(key, np.zeros((1, 4), np.int32))["params"])
     layers = params["blocks"]["layers"]
     residual = 0.02 / np.sqrt(2 * 8)
-    # >= 32k samples each: the sample std is within a few percent of the true one.
+    # >= 8k samples each: a sample std within 5% of the true one is > 5 sigma away from failing.
     assert np.std(layers["mlp"]["wo"]["kernel"]) == pytest.approx(residual, rel=0.05)
     assert np.std(layers["self_attn"]["out"]["kernel"]) == pytest.approx(residual, rel=0.05)
     assert np.std(layers["mlp"]["wi"]["kernel"]) == pytest.approx(0.02, rel=0.05)
