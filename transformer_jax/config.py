@@ -49,6 +49,9 @@ class ModelConfig:
     `remat_policy` rematerialises each block: "none", "full" or a
     `jax.checkpoint_policies` name from REMAT_POLICIES.
     `scale_embeddings` multiplies token embeddings by sqrt(d_model) (original transformer).
+    `rope_base` is the rotary wavelength base; `layer_norm_eps` the norms' epsilon.
+    Dropout: `dropout_rate` on embeddings and residual branches, `attention_dropout_rate`
+    on attention probabilities.
     """
 
     vocab_size: int
