@@ -14,10 +14,13 @@ _EXPORTS = {
     # attention
     "dot_product_attention": "transformer_jax.attention",
     "select_implementation": "transformer_jax.attention",
+    "Selection": "transformer_jax.attention",
     # configs
     "ModelConfig": "transformer_jax.config",
     "get_config": "transformer_jax.config",
     "list_presets": "transformer_jax.config",
+    "count_params": "transformer_jax.config",
+    "flops_per_token": "transformer_jax.config",
     # models
     "DecoderLM": "transformer_jax.models",
     "Encoder": "transformer_jax.models",
@@ -25,8 +28,36 @@ _EXPORTS = {
     "SequenceClassifier": "transformer_jax.models",
     "EncoderDecoder": "transformer_jax.models",
     "pool": "transformer_jax.models",
+    "init_cache": "transformer_jax.models",
+    "check_tokens": "transformer_jax.models",
     # generation
     "generate": "transformer_jax.generation",
+    "GenerateOutput": "transformer_jax.generation",
+    # tokenizers and data
+    "Tokenizer": "transformer_jax.tokenizers",
+    "CharTokenizer": "transformer_jax.tokenizers",
+    "ByteTokenizer": "transformer_jax.tokenizers",
+    "BPETokenizer": "transformer_jax.tokenizers",
+    "build_tokenizer": "transformer_jax.tokenizers",
+    "load_tokenizer": "transformer_jax.tokenizers",
+    "load_text": "transformer_jax.data",
+    "prepare_tokens": "transformer_jax.data",
+    "get_batch": "transformer_jax.data",
+    # training and checkpoints
+    "TrainState": "transformer_jax.training",
+    "make_optimizer": "transformer_jax.training",
+    "init_train_state": "transformer_jax.training",
+    "make_train_step": "transformer_jax.training",
+    "Checkpointer": "transformer_jax.checkpoint",
+    # scaling out
+    "make_mesh": "transformer_jax.sharding",
+    "initialize_distributed": "transformer_jax.sharding",
+    "state_shardings": "transformer_jax.sharding",
+    "batch_sharding": "transformer_jax.sharding",
+    "make_global_batch": "transformer_jax.sharding",
+    "process_batch_slice": "transformer_jax.sharding",
+    "use_mesh": "transformer_jax.sharding",
+    "LOGICAL_RULES": "transformer_jax.sharding",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
