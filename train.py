@@ -527,11 +527,6 @@ def train(args: argparse.Namespace) -> int:
                          f"pass --max-len {args.seq_len} or a shorter --seq-len")
     config = _run_config(args, cfg, task)
     resuming = _check_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
-    if is_main and not resuming:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tokenizer.save(args.out_dir)
 
     # Optimizer, state and steps.
     schedule = training.make_schedule(args.lr, warmup_steps=args.warmup_steps,
@@ -565,6 +560,11 @@ def train(args: argparse.Namespace) -> int:
                          donate_argnums=0, **jit_step)
     eval_step = jax.jit(eval_loss_fn, **jit_eval)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
+    if is_main and not resuming:  # only once every flag has been validated
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        tokenizer.save(args.out_dir)
 
     ckpt = checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints"),
                                    max_to_keep=args.keep_checkpoints)

@@ -96,7 +96,7 @@ def convergence(args: argparse.Namespace) -> dict:
     import train
 
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="convergence-")
-    argv = ["--data", "shakespeare", "--preset", "char-small", "--batch-size", "64",
+    argv = ["--data", args.data, "--preset", "char-small", "--batch-size", "64",
             "--seq-len", "256", "--max-steps", str(args.max_steps), "--lr", "1e-3",
             "--dropout", "0.2", "--eval-every", str(args.eval_every), "--eval-batches", "20",
             "--warmup-steps", "100", "--out-dir", out_dir, "--overwrite", "--dtype", args.dtype]
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps", type=int, default=20, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps after compilation")
     p.add_argument("--convergence", action="store_true", help="run the shakespeare convergence run")
+    p.add_argument("--data", default="shakespeare",
+                   help="--convergence: corpus (a machine without network: a file written by "
+                        "data.load_text('shakespeare') elsewhere)")
     p.add_argument("--max-steps", type=int, default=5000, help="--convergence: steps")
     p.add_argument("--eval-every", type=int, default=250, help="--convergence: eval interval")
     p.add_argument("--target", type=float, default=1.30, help="--convergence: val loss target")

@@ -103,6 +103,7 @@ def _sigterm_at(monkeypatch, stop_step):
     monkeypatch.setattr(train, "make_clm_batch", batch)
 
 
+@pytest.mark.slow  # five short runs
 def test_exact_resume_after_sigterm_and_after_max_steps(corpus, tmp_path, monkeypatch):
     flags = ("--dropout", "0.1", "--decay-steps", "12")  # dropout: the rng must resume too
     assert train.main(_args(corpus, tmp_path / "straight", *flags)) == 0
@@ -188,12 +189,15 @@ def test_init_from_with_freezing(base_run, corpus, tmp_path):
         assert json.load(f)["train"]["lr"] == pytest.approx(2e-4)  # a tenth of the default
 
 
-def test_grad_accumulation_matches_full_batch(corpus, tmp_path):
-    for name, k in (("full", "1"), ("accum", "2")):
-        assert train.main(_args(corpus, tmp_path / name, "--accum-steps", k, steps=3)) == 0
-    full, accum = _leaves(_params(tmp_path / "full", 3)), _leaves(_params(tmp_path / "accum", 3))
-    for key in full:
-        np.testing.assert_allclose(accum[key], full[key], rtol=2e-4, atol=2e-6, err_msg=key)
+def test_grad_accumulation_and_mesh_match_one_device(corpus, tmp_path):
+    runs = {"full": (), "accum": ("--accum-steps", "2"), "mesh": ("--mesh", "data=2,fsdp=2,tensor=2")}
+    for name, flags in runs.items():
+        assert train.main(_args(corpus, tmp_path / name, *flags, steps=3)) == 0
+    full = _leaves(_params(tmp_path / "full", 3))
+    for name in ("accum", "mesh"):
+        other = _leaves(_params(tmp_path / name, 3))
+        for key in full:  # equal up to float summation order
+            np.testing.assert_allclose(other[key], full[key], rtol=2e-4, atol=2e-6, err_msg=f"{name}: {key}")
 
 
 @pytest.mark.parametrize("flags, error", [
@@ -228,11 +232,12 @@ def test_errors_before_compiling(corpus, tmp_path):
         (["--freeze", "^nothing/"], "freeze"),
         (["--seq-len", "32"], "max_len"),
         (["--num-heads", "3"], "num_heads"),
+        (["--mesh", "data=3"], "data"),
     ]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
             train.main(_args(corpus, tmp_path / "r", *flags))
-    assert not (tmp_path / "r" / "checkpoints").exists()
+    assert not (tmp_path / "r").exists()  # nothing written before the flags were all valid
     with pytest.raises(ValueError, match="--resume"):
         train.main(_args(corpus, tmp_path / "none", "--resume"))
 

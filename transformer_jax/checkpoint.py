@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
@@ -61,7 +62,9 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=_ITEMS)
+        # Naming the handlers lets a fresh manager read item metadata (restore_params).
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _ITEMS}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     # ------------------------------------------------------------------ queries
 
@@ -145,14 +148,18 @@ class Checkpointer:
         return None
 
     def restore_params(self, step: int | None = None) -> Any:
-        """The parameters alone, as saved (host arrays), from `step` or the best, else latest."""
+        """The parameters alone as NumPy arrays, from `step` or else the best, else the latest
+        checkpoint; readable on any machine, whatever mesh saved them."""
         step = step if step is not None else self.best_step()
         step = step if step is not None else self.latest_step()
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        host = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=host),
+                              self._manager.item_metadata(step)["params"])
         restored = self._manager.restore(
-            step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
-        return restored["params"]
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
+        return jax.tree.map(np.asarray, restored["params"])
 
     def _restore_step(self, target: TrainState, step: int) -> TrainState:
         progress = {"step": target.step, "rng": target.rng}
