@@ -1,8 +1,9 @@
-"""Losses, optimizer, train state and jitted train/eval steps for every objective.
+"""Losses, optimizer, train state and the train step, for every objective.
 
 Everything here is a pure function of its inputs, so a train step is a function of
 (state, batch) alone: the dropout key is derived from (seed, step) with
-`jax.random.fold_in`, which is what makes a resumed run bit-identical.
+`jax.random.fold_in`, which is what makes a resumed run bit-identical. Evaluation is
+`jax.jit(make_loss_fn(...))` (no dropout), summed over batches, then divided.
 
 Batches are dicts of arrays whose leading axis is the batch:
   clm       inputs [b,t] int32, targets [b,t] int32, weights [b,t] (optional)
