@@ -677,7 +677,8 @@ def train(args: argparse.Namespace) -> int:
             log.close()
         if skipped:
             say(f"{skipped} step(s) skipped for non-finite values")
-        if not stop.received and is_main and args.sample_tokens:
+        # (multi-process: params span hosts, and generation here is single-process)
+        if not stop.received and jax.process_count() == 1 and args.sample_tokens:
             text = task.show(state.params)
             with open(os.path.join(args.out_dir, "sample.txt"), "w") as f:
                 f.write(text + "\n")

@@ -123,9 +123,9 @@ def test_restore_onto_given_shardings(tmp_path):
     split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     state = _state(0)
     shardings = jax.tree.map(lambda _: replicated, state)
-    kernel_sharding = split  # shard the head kernel's first axis (4 rows over 2 devices)
+    # split the head kernel's 4 rows over the 2 devices, replicate everything else
     shardings = shardings.replace(params={**shardings.params, "head": {
-        **shardings.params["head"], "kernel": kernel_sharding}})
+        **shardings.params["head"], "kernel": split}})
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         restored = ckpt.restore(checkpoint.abstract_state(state, shardings))
     assert restored.params["head"]["kernel"].sharding == split

@@ -189,6 +189,7 @@ def test_init_from_with_freezing(base_run, corpus, tmp_path):
         assert json.load(f)["train"]["lr"] == pytest.approx(2e-4)  # a tenth of the default
 
 
+@pytest.mark.slow  # three runs, one compiled for an 8-device mesh
 def test_grad_accumulation_and_mesh_match_one_device(corpus, tmp_path):
     runs = {"full": (), "accum": ("--accum-steps", "2"), "mesh": ("--mesh", "data=2,fsdp=2,tensor=2")}
     for name, flags in runs.items():
