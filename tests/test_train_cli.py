@@ -277,3 +277,23 @@ def test_sample_subcommand(base_run, capsys):
     assert capsys.readouterr().out.rstrip("\n") == greedy
     with pytest.raises(ValueError, match="holds no run"):
         train.main(["sample", "--out-dir", os.path.join(base_run, "nothing")])
+
+
+@pytest.mark.slow  # three objectives, three compilations
+def test_mlm_then_classify_from_it_and_seq2seq(corpus, tmp_path, capsys):
+    mlm, cls, s2s = tmp_path / "mlm", tmp_path / "cls", tmp_path / "s2s"
+    assert train.main(_args(corpus, mlm, "--objective", "mlm", "--sample-tokens", "1", steps=6)) == 0
+    assert "masked-token accuracy" in capsys.readouterr().out
+    assert train.main(_args(corpus, cls, "--objective", "classify", "--init-from", str(mlm),
+                            "--freeze", "^encoder/", "--sample-tokens", "1", steps=4)) == 0
+    assert "accuracy on the validation batches" in capsys.readouterr().out
+    encoder, classifier = _leaves(_params(mlm, 6)), _leaves(_params(cls, 4))
+    shared = [k for k in classifier if k.startswith("encoder/")]
+    assert shared and all(np.array_equal(classifier[k], encoder[k]) for k in shared)
+    assert {k for k in classifier if not k.startswith("encoder/")} == {"classifier/kernel", "classifier/bias"}
+    assert train.main(_args(corpus, s2s, "--objective", "seq2seq", "--data", "reverse",
+                            "--sample-tokens", "1", steps=4)) == 0
+    out = capsys.readouterr().out
+    assert "exact match:" in out and "label_smoothing" not in out
+    with open(s2s / "config.json") as f:
+        assert json.load(f)["train"]["label_smoothing"] == 0.1
