@@ -408,17 +408,13 @@ def _run_config(args, cfg, task: Task) -> dict:
 
 
 def _check_out_dir(out_dir: str, config: dict, *, overwrite: bool, resume: bool) -> bool:
-    """True if `out_dir` holds a compatible run to resume. Raises ValueError otherwise
-    (incompatible, or --resume with nothing to resume); --overwrite clears it."""
+    """True if `out_dir` holds a compatible run to resume; False for a fresh start (with
+    --overwrite, `_start_fresh` clears it later). Raises ValueError for an incompatible
+    run, or --resume with nothing to resume."""
     path = os.path.join(out_dir, "config.json")
-    if os.path.exists(path) and overwrite:
-        for name in os.listdir(out_dir):
-            full = os.path.join(out_dir, name)
-            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
-        return False
-    if not os.path.exists(path):
-        if resume:
-            raise ValueError(f"--resume: {out_dir!r} holds no run (no config.json)")
+    if resume and (overwrite or not os.path.exists(path)):
+        raise ValueError(f"--resume needs an existing run in {out_dir!r} (and no --overwrite)")
+    if overwrite or not os.path.exists(path):
         return False
     with open(path) as f:
         old = json.load(f)
@@ -430,6 +426,18 @@ def _check_out_dir(out_dir: str, config: dict, *, overwrite: bool, resume: bool)
             f"--out-dir {out_dir!r} holds a run with a different configuration ("
             + "; ".join(diffs[:6]) + "): pass --overwrite to replace it, or another --out-dir")
     return True
+
+
+def _start_fresh(out_dir: str, config: dict, tokenizer) -> None:
+    """Empty `out_dir` (an --overwrite'n run), then write config.json and the tokenizer."""
+    if os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            full = os.path.join(out_dir, name)
+            shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tokenizer.save(out_dir)
 
 
 class RunLog:
@@ -587,10 +595,7 @@ def train(args: argparse.Namespace) -> int:
     eval_step = jax.jit(eval_loss_fn, **jit_eval)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     if is_main and not resuming:  # only once every flag has been validated
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-        tokenizer.save(args.out_dir)
+        _start_fresh(args.out_dir, config, tokenizer)
 
     ckpt = checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints"),
                                    max_to_keep=args.keep_checkpoints)

@@ -248,6 +248,9 @@ def test_incompatible_out_dir_needs_overwrite(base_run, corpus, tmp_path):
     shutil.copytree(base_run, out)
     with pytest.raises(ValueError, match="d_model.*--overwrite"):
         train.main(_args(corpus, out, "--d-model", "64", steps=2))
+    with pytest.raises(ValueError, match="freeze"):  # a failed --overwrite keeps the old run
+        train.main(_args(corpus, out, "--d-model", "64", "--overwrite", "--freeze", "^x", steps=2))
+    assert (out / "checkpoints" / "40").exists()
     assert train.main(_args(corpus, out, "--d-model", "64", "--overwrite", steps=2)) == 0
     with checkpoint.Checkpointer(out / "checkpoints") as ckpt:
         assert ckpt.all_steps() == [2]
