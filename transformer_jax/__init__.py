@@ -48,6 +48,9 @@ _EXPORTS = {
     "make_optimizer": "transformer_jax.training",
     "init_train_state": "transformer_jax.training",
     "make_train_step": "transformer_jax.training",
+    "make_schedule": "transformer_jax.training",
+    "make_loss_fn": "transformer_jax.training",
+    "cross_entropy": "transformer_jax.training",
     "Checkpointer": "transformer_jax.checkpoint",
     # scaling out
     "make_mesh": "transformer_jax.sharding",
