@@ -23,10 +23,12 @@ import shutil
 import signal
 import sys
 import time
-import warnings
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from transformer_jax.tasks import Task
 
 # ------------------------------------------------------------------------ flags
 
@@ -88,13 +90,21 @@ def _field_parser(type_name: str) -> Callable[[str], Any]:
     return lambda text: None if text.lower() == "none" else base(text)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except the None/False ones whose help text explains them."""
+def _help_with_default(action: argparse.Action) -> str:
+    """A flag's help text with "(default: %(default)s)" appended, unless the text states the
+    default itself (one that depends on the device or on other flags) or the flag takes no
+    value (--resume, --help)."""
+    text = action.help or ""
+    if action.nargs == 0 or "default" in text:
+        return text
+    return f"{text} (default: %(default)s)".lstrip()
 
-    def _get_help_string(self, action):
-        if action.default in (None, False) or action.help is None:
-            return action.help or ""
-        return super()._get_help_string(action)
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """States every flag's default once (see `_help_with_default`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        return _help_with_default(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "classify); default: stdlib, or a synthetic task for seq2seq/classify")
     run.add_argument("--tokenizer", default="char", help="char | byte | bpe | path to tokenizer.json")
     run.add_argument("--out-dir", default=None, help="run directory (default: runs/<objective>)")
-    run.add_argument("--init-from", default=None, help="fine-tune from another run's directory")
+    run.add_argument("--init-from", default=None,
+                     help="fine-tune from another run's directory (default: train from scratch)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out-dir (also automatic when it holds checkpoints)")
     run.add_argument("--overwrite", action="store_true",
@@ -147,12 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
                      help="classify: how token states become one sentence vector")
     opt.add_argument("--freeze", default=None, metavar="REGEX",
                      help="freeze parameters whose path (e.g. blocks/layer_0/mlp/wi/kernel) matches "
-                          "the regex (re.search), e.g. '^encoder/' to train only a classifier head")
+                          "the regex (re.search), e.g. '^encoder/' to train only a classifier head "
+                          "(default: train every parameter)")
     opt.add_argument("--skip-nonfinite", action="store_true",
                      help="skip steps with a non-finite loss or gradient instead of stopping")
     opt.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
-    opt.add_argument("--dropout", type=_fraction, default=None, help="dropout rate")
+    opt.add_argument("--dropout", type=_fraction, default=None,
+                     help="dropout rate (default: the preset's; 0 for the default CPU model)")
     log = p.add_argument_group("evaluation, logging, checkpoints")
     log.add_argument("--eval-every", type=_positive_int, default=None,
                      help="steps between validations (default: 250, and the last step)")
@@ -168,16 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="tokens of the final clm sample; 0 skips the final sample of any objective")
     dist = p.add_argument_group("devices")
     dist.add_argument("--mesh", default=None,
-                      help="device mesh, e.g. 'data=-1' or 'data=2,fsdp=2,tensor=2' (default: one device)")
+                      help="device mesh, e.g. 'data=-1' or 'data=2,fsdp=2,tensor=2', or 'none' for "
+                           "one device (default: every device on 'data' when there are several)")
     dist.add_argument("--coordinator-address", default=None,
-                      help="multi-process runs: host:port of process 0 (else from the launcher's environment)")
-    dist.add_argument("--num-processes", type=_positive_int, default=None, help="multi-process runs")
-    dist.add_argument("--process-id", type=_nonneg_int, default=None, help="multi-process runs")
+                      help="multi-process runs: host:port of process 0 (default: from the launcher's "
+                           "environment)")
+    dist.add_argument("--num-processes", type=_positive_int, default=None,
+                      help="multi-process runs (default: from the launcher's environment, else 1)")
+    dist.add_argument("--process-id", type=_nonneg_int, default=None,
+                      help="multi-process runs (default: from the launcher's environment, else 0)")
     model = p.add_argument_group("model (override any preset field)")
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _MODEL_FLAG_SKIP:
-            help = ("the model's is the tokenizer's; sets the BPE vocabulary (default 4096)"
-                    if f.name == "vocab_size" else None)
+            help = ("default: the tokenizer's vocabulary; --tokenizer bpe builds one of this size, "
+                    "else 4096" if f.name == "vocab_size"
+                    else "default: the preset's, or the --init-from run's")
             model.add_argument("--" + f.name.replace("_", "-"), dest="model_" + f.name, help=help,
                                type=_field_parser(f.type), default=None, metavar=f.type.split(" |")[0].upper())
     return p
@@ -224,182 +242,11 @@ def _resolve_defaults(args: argparse.Namespace, accelerator: bool) -> None:
                          f"--decay-steps={args.decay_steps}")
 
 
-# ------------------------------------------------------------------------- tasks
-
-
-@dataclasses.dataclass
-class Task:
-    """One objective's model and data: host batches are dicts of NumPy arrays."""
-
-    model: Any
-    init_args: tuple
-    train_batch: Callable[[int], dict]  # step -> global batch
-    val_batches: list[dict]
-    tokens_per_batch: int  # target tokens per global batch, for tokens/s
-    baseline: float | None = None  # unigram entropy (nats) of the training tokens
-    init_kwargs: dict | None = None  # keyword inputs of model.init besides init_args
-    extra: dict = dataclasses.field(default_factory=dict)  # saved in config.json
-    show: Callable[[Any], str] | None = None  # params -> the final sample / demonstration
-
-
-def make_clm_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
-                   seq_len: int) -> dict:
-    """A next-token batch {"inputs", "targets"} int32 [b, seq_len] (module-level so that
-    tests can wrap it to inject faults)."""
-    from transformer_jax import data
-
-    inputs, targets = data.get_batch(tokens, seed=seed, step=step, batch_size=batch_size,
-                                     seq_len=seq_len)
-    return {"inputs": inputs, "targets": targets}
-
-
-def _unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
-    counts = np.bincount(np.asarray(tokens), minlength=vocab_size).astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def _tokens_and_tokenizer(args, tokenizer):
-    """Load the corpus, make (or reuse) the tokenizer, cache the token memmaps."""
-    from transformer_jax import data, tokenizers
-
-    text = data.load_text(args.data)
-    if tokenizer is None:
-        tokenizer = tokenizers.build_tokenizer(args.tokenizer, text,
-                                               vocab_size=args.model_vocab_size or 4096)
-    cache = os.path.join(os.path.expanduser("~"), ".cache", "transformer_jax", "tokens")
-    return data.prepare_tokens(text, tokenizer, cache), tokenizer
-
-
-def build_task(args, cfg_fn: Callable, tokenizer) -> tuple[Task, Any, Any]:
-    """The model, batches and tokenizer for `args.objective`; cfg_fn(vocab_size) -> ModelConfig.
-
-    Raises ValueError for data that cannot make a single batch.
-    """
-    from transformer_jax import data, models
-
-    b, t, seed = args.batch_size, args.seq_len, args.seed
-    if args.objective in ("clm", "mlm"):
-        splits, tokenizer = _tokens_and_tokenizer(args, tokenizer)
-        data.validate_seq_len(splits.train, t, name="the training split")
-        data.validate_seq_len(splits.val, t, name="the validation split")
-        cfg = cfg_fn(tokenizer.vocab_size)
-        baseline = _unigram_entropy(splits.train, tokenizer.vocab_size)
-        if args.objective == "clm":
-            make = functools.partial(make_clm_batch, batch_size=b, seq_len=t)
-            model = models.DecoderLM(cfg)
-        else:
-            def make(tokens, *, seed, step):
-                ids, labels, weights = data.get_mlm_batch(tokens, seed=seed, step=step, batch_size=b,
-                                                          seq_len=t, tokenizer=tokenizer)
-                return {"inputs": ids, "targets": labels, "weights": weights}
-            model = models.MaskedLM(cfg)
-        val = [make(splits.val, seed=seed + 1, step=i) for i in range(args.eval_batches)]
-        if args.objective == "clm":
-            prompt = tokenizer.decode(np.asarray(splits.val[:32]))
-            show = lambda params: _clm_sample(model, params, tokenizer, prompt,  # noqa: E731
-                                              args.sample_tokens, seed=seed)
-        else:
-            show = lambda params: _accuracy(  # noqa: E731
-                model, params, val, "inputs", "targets", "masked-token accuracy on the validation batches")
-        task = Task(model, (np.zeros((1, t), np.int32),),
-                    lambda step: make(splits.train, seed=seed, step=step), val,
-                    tokens_per_batch=b * t, baseline=baseline, show=show)
-        return task, cfg, tokenizer
-
-    if args.objective == "seq2seq":
-        rows = (data.reverse_pairs(2000, seed=seed) if args.data == "reverse"
-                else data.read_tsv(args.data))
-        if tokenizer is None:
-            from transformer_jax import tokenizers
-            text = "\n".join(s + "\n" + t_ for s, t_ in rows)
-            tokenizer = tokenizers.build_tokenizer(args.tokenizer, text,
-                                                   vocab_size=args.model_vocab_size or 4096)
-        train_pairs, val_pairs = data.split_examples(data.encode_pairs(rows, tokenizer))
-        src_len, tgt_len = data.seq2seq_lengths(train_pairs + val_pairs)
-        src_len, tgt_len = min(src_len, t), min(tgt_len, t)
-        cfg = cfg_fn(tokenizer.vocab_size)
-        ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-
-        def make(pairs, *, seed, step):
-            keys = ("src", "tgt_in", "tgt_out", "src_mask", "tgt_mask")
-            return dict(zip(keys, data.make_seq2seq_batch(
-                pairs, seed=seed, step=step, batch_size=b, src_len=src_len, tgt_len=tgt_len, **ids)))
-        model = models.EncoderDecoder(cfg)
-        task = Task(model, (np.zeros((1, src_len), np.int32), np.zeros((1, tgt_len), np.int32)),
-                    lambda step: make(train_pairs, seed=seed, step=step),
-                    [make(val_pairs, seed=seed + 1, step=i) for i in range(args.eval_batches)],
-                    tokens_per_batch=b * tgt_len,
-                    show=lambda params: _translate(model, params, tokenizer, val_pairs[:16], tgt_len))
-        return task, cfg, tokenizer
-
-    # classify: TSV rows (label<TAB>text) or the synthetic shuffled-window task
-    label_names = ["original", "shuffled"]
-    if args.data.endswith(".tsv"):
-        rows = data.read_tsv(args.data)
-        if tokenizer is None:
-            from transformer_jax import tokenizers
-            tokenizer = tokenizers.build_tokenizer(args.tokenizer, "\n".join(x for _, x in rows),
-                                                   vocab_size=args.model_vocab_size or 4096)
-        examples, label_names = data.encode_labelled(rows, tokenizer)
-    else:
-        corpus = "stdlib" if args.data == "shuffle" else args.data
-        splits, tokenizer = _tokens_and_tokenizer(argparse.Namespace(**{**vars(args), "data": corpus}),
-                                                  tokenizer)
-        examples = data.shuffle_examples(splits.train, 4000, seed=seed, seq_len=t)
-    train_ex, val_ex = data.split_examples(examples)
-    cfg = cfg_fn(tokenizer.vocab_size)
-
-    def make(exs, *, seed, step):
-        tokens, mask, labels = data.make_classify_batch(exs, seed=seed, step=step, batch_size=b,
-                                                        seq_len=t, pad_id=tokenizer.pad_id)
-        return {"tokens": tokens, "padding_mask": mask, "labels": labels}
-    model = models.SequenceClassifier(cfg, num_classes=len(label_names), pooling=args.pooling)
-    val = [make(val_ex, seed=seed + 1, step=i) for i in range(args.eval_batches)]
-    task = Task(model, (np.zeros((1, t), np.int32),),
-                lambda step: make(train_ex, seed=seed, step=step), val,
-                tokens_per_batch=b * t, init_kwargs={"padding_mask": np.ones((1, t), bool)},
-                extra={"label_names": label_names},
-                show=lambda params: _accuracy(model, params, val, "tokens", "labels",
-                                              "accuracy on the validation batches"))
-    return task, cfg, tokenizer
-
-
-def _accuracy(model, params, batches: list[dict], input_key: str, label_key: str, what: str) -> str:
-    """'<what>: 93.1% (of n)', argmax predictions against labels (weighted, if weights exist)."""
-    import jax
-
-    @jax.jit
-    def counts(params, batch):
-        logits = model.apply({"params": params}, batch[input_key],
-                             padding_mask=batch.get("padding_mask"))
-        weights = batch.get("weights", jax.numpy.ones(batch[label_key].shape))
-        return ((logits.argmax(-1) == batch[label_key]) * weights).sum(), weights.sum()
-
-    right, total = np.sum(jax.device_get([counts(params, b) for b in batches]), axis=0)
-    return f"{what}: {100 * right / max(total, 1):.1f}% (of {int(total)})"
-
-
-def _translate(model, params, tokenizer, pairs, max_new_tokens: int) -> str:
-    """Greedy translations of `pairs` (source, target ids), one per line, and the exact-match rate."""
-    from transformer_jax.generation import generate
-
-    out = generate(model, params, [[int(i) for i in src] for src, _ in pairs],
-                   max_new_tokens=max_new_tokens, strategy="greedy", bos_id=tokenizer.bos_id,
-                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    lines, right = [], 0
-    for (src, tgt), tokens, n in zip(pairs, np.asarray(out.tokens), np.asarray(out.lengths)):
-        pred = [int(i) for i in tokens[:n] if i != tokenizer.eos_id]
-        right += pred == [int(i) for i in tgt]
-        lines.append(f"{tokenizer.decode(src)!r} -> {tokenizer.decode(pred)!r} "
-                     f"(expected {tokenizer.decode(tgt)!r})")
-    return "\n".join(lines + [f"exact match: {right}/{len(pairs)}"])
-
-
 # ---------------------------------------------------------------------- run files
 
 
 def _run_config(args, cfg, task: Task) -> dict:
+    """What config.json records: the model, the training flags, the task's facts."""
     train_keys = ("objective", "data", "tokenizer", "batch_size", "seq_len", "accum_steps", "lr",
                   "warmup_steps", "decay_steps", "weight_decay", "grad_clip", "label_smoothing",
                   "freeze", "pooling", "seed", "init_from", *_RESUMABLE_CHANGES)
@@ -440,67 +287,47 @@ def _start_fresh(out_dir: str, config: dict, tokenizer) -> None:
     tokenizer.save(out_dir)
 
 
-class RunLog:
-    """metrics.jsonl + TensorBoard events + loss.png for one run (written by process 0)."""
+def _agree_on_out_dir(out_dir: str, config: dict, *, overwrite: bool, resume: bool) -> bool:
+    """`_check_out_dir` decided on process 0 alone and broadcast to every process, so that
+    all agree although process 0 may be rewriting a shared `out_dir` meanwhile.
 
-    def __init__(self, out_dir: str, start_step: int, enabled: bool):
-        self.out_dir, self.enabled = out_dir, enabled
-        self.path = os.path.join(out_dir, "metrics.jsonl")
-        self.tb = None
-        if not enabled:
-            return
-        # A resumed run rewrites history after its checkpoint: drop later records.
-        kept = [r for r in _read_jsonl(self.path) if r["step"] <= start_step]
-        with open(self.path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+    The broadcast is a collective, so it also keeps process 0 from writing before every
+    process has read what it needs from the directory (a resumed run's tokenizer).
+    Process 0 re-raises its ValueError after the broadcast; the others raise one too.
+    """
+    import jax
+
+    decision, error = 0, None  # 1: resume, 0: start fresh, -1: invalid
+    if jax.process_index() == 0:
         try:
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(out_dir, purge_step=start_step + 1)
-        except ImportError:
-            warnings.warn("tensorboardX is not installed: no TensorBoard events", stacklevel=2)
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        if self.tb is not None:
-            self.tb.close()
-        _plot_losses(_read_jsonl(self.path), os.path.join(self.out_dir, "loss.png"))
+            decision = int(_check_out_dir(out_dir, config, overwrite=overwrite, resume=resume))
+        except ValueError as e:
+            decision, error = -1, e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        decision = int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+    if error is not None:
+        raise error
+    if decision < 0:
+        raise ValueError(f"--out-dir {out_dir!r} was rejected by process 0 (see its error)")
+    return decision == 1
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+def _make_mesh(spec: str | None):
+    """The device mesh of --mesh: a spec for `sharding.make_mesh`; "none" for one device
+    (no mesh; single-process runs only); None (the default) puts every device on "data"
+    when there are several, and is one device otherwise."""
+    import jax
 
+    from transformer_jax import sharding
 
-def _plot_losses(records: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("train_loss", "val_loss"):
-        points = [(r["step"], r[key]) for r in records if key in r]
-        if points:
-            ax.plot(*zip(*points), label=key.replace("_", " "), marker="." if key == "val_loss" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if spec is None:
+        return sharding.make_mesh(None) if jax.device_count() > 1 else None
+    if spec.strip().lower() == "none":
+        if jax.process_count() > 1:
+            raise ValueError("--mesh none: a multi-process run needs a mesh over every process's devices")
+        return None
+    return sharding.make_mesh(spec)
 
 
 # ------------------------------------------------------------------------- train
@@ -529,6 +356,8 @@ def train(args: argparse.Namespace) -> int:
 
     from transformer_jax import checkpoint, sharding, tokenizers, training
     from transformer_jax.config import ModelConfig, get_config
+    from transformer_jax.run_log import RunLog
+    from transformer_jax.tasks import build_task
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     accelerator = jax.default_backend() != "cpu"
@@ -555,12 +384,16 @@ def train(args: argparse.Namespace) -> int:
             return dataclasses.replace(base_cfg, **overrides)
         return get_config(args.preset, **overrides)
 
-    task, cfg, tokenizer = build_task(args, cfg_fn, tokenizer)
+    task, cfg, tokenizer = build_task(
+        args.objective, cfg_fn, data_spec=args.data, tokenizer=tokenizer,
+        tokenizer_kind=args.tokenizer, vocab_size=args.model_vocab_size or 4096,
+        batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed,
+        eval_batches=args.eval_batches, pooling=args.pooling, sample_tokens=args.sample_tokens)
     if args.objective in ("clm", "mlm") and args.seq_len > cfg.max_len and cfg.pos_encoding == "learned":
         raise ValueError(f"--seq-len={args.seq_len} exceeds the model's max_len={cfg.max_len}: "
                          f"pass --max-len {args.seq_len} or a shorter --seq-len")
     config = _run_config(args, cfg, task)
-    resuming = _check_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
+    resuming = _agree_on_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
 
     # Optimizer, state and steps.
     schedule = training.make_schedule(args.lr, warmup_steps=args.warmup_steps,
@@ -576,8 +409,12 @@ def train(args: argparse.Namespace) -> int:
             paths = [training.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract.params)]
             raise ValueError(f"--freeze={args.freeze!r} matches {'no' if 'frozen' not in labels else 'every'}"
                              f" parameter; paths look like {paths[:4]}")
-    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    mesh = _make_mesh(args.mesh)
     if mesh is not None:
+        split = mesh.shape["data"] * mesh.shape["fsdp"]
+        if args.batch_size % split:
+            raise ValueError(f"--batch-size={args.batch_size} does not split over the data*fsdp={split} "
+                             f"devices of the mesh {dict(mesh.shape)}: pass another --batch-size or --mesh")
         state_sh = sharding.state_shardings(jax.eval_shape(functools.partial(init_fn, unbox=False)), mesh)
         batch_sh = sharding.batch_sharding(mesh)
         rows = sharding.process_batch_slice(mesh, args.batch_size)
@@ -596,6 +433,9 @@ def train(args: argparse.Namespace) -> int:
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
     if is_main and not resuming:  # only once every flag has been validated
         _start_fresh(args.out_dir, config, tokenizer)
+    if jax.process_count() > 1:  # no process reads the directory before process 0 has written it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("train.py: out-dir ready")
 
     ckpt = checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints"),
                                    max_to_keep=args.keep_checkpoints)
@@ -762,36 +602,25 @@ def _load_init_params(run_dir: str, target: Any, say) -> Any:
 # ------------------------------------------------------------------------ sample
 
 
-def _clm_sample(model, params, tokenizer, prompt: str, max_new_tokens: int, *, seed: int,
-                strategy: str = "sample", temperature: float = 0.8, top_k: int | None = None,
-                top_p: float | None = None, num_beams: int = 4) -> str:
-    """The prompt followed by `max_new_tokens` generated tokens, as text.
-
-    Beyond the model's context (cfg.max_len) generation continues in windows whose
-    prompt is the last half-context, so a sample can be longer than the context.
-    """
-    import jax
-
-    from transformer_jax.generation import generate
-
-    ids = [int(i) for i in tokenizer.encode(prompt)]
-    if not ids:
-        raise ValueError(f"--prompt={prompt!r} encodes to no tokens")
-    keep = model.cfg.max_len // 2
-    options = dict(strategy=strategy, num_beams=num_beams)
-    if strategy == "sample":
-        options.update(temperature=temperature, top_k=top_k, top_p=top_p)
-    key, new = jax.random.PRNGKey(seed), []
-    while len(new) < max_new_tokens:
-        window = (ids + new)[-keep:]
-        key, step_key = jax.random.split(key)
-        if strategy == "sample":
-            options["rng"] = step_key
-        # always the longest continuation that fits, so every window reuses one compilation
-        out = generate(model, params, [window], max_new_tokens=model.cfg.max_len - len(window) + 1,
-                       **options)
-        new += [int(t) for t in np.asarray(out.tokens)[0]]
-    return prompt + tokenizer.decode(new[:max_new_tokens])
+def sample_parser() -> argparse.ArgumentParser:
+    """The flags of `train.py sample`."""
+    p = argparse.ArgumentParser(prog="train.py sample", formatter_class=_HelpFormatter,
+                                description="Generate text from a trained clm run.")
+    p.add_argument("--out-dir", default=os.path.join("runs", "clm"), help="the run")
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample",
+                   help="decoding strategy")
+    p.add_argument("--temperature", type=_positive_float, default=0.8,
+                   help="sample: < 1 sharpens the distribution, > 1 flattens it")
+    p.add_argument("--top-k", type=_positive_int, default=None,
+                   help="sample: draw from the k most likely tokens only (default: all tokens)")
+    p.add_argument("--top-p", type=_positive_float, default=None,
+                   help="sample: draw from the most likely tokens whose probability reaches p "
+                        "(default: all tokens)")
+    p.add_argument("--num-beams", type=_positive_int, default=4, help="beam: hypotheses kept")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200, help="tokens to generate")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    return p
 
 
 def sample(argv: list[str]) -> int:
@@ -800,18 +629,9 @@ def sample(argv: list[str]) -> int:
 
     from transformer_jax import checkpoint, models, tokenizers
     from transformer_jax.config import ModelConfig
+    from transformer_jax.tasks import clm_sample
 
-    p = argparse.ArgumentParser(prog="train.py sample", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Generate text from a trained clm run.")
-    p.add_argument("--out-dir", default=os.path.join("runs", "clm"))
-    p.add_argument("--prompt", default="\n")
-    p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample")
-    p.add_argument("--temperature", type=_positive_float, default=0.8)
-    p.add_argument("--top-k", type=_positive_int, default=None)
-    p.add_argument("--top-p", type=_positive_float, default=None)
-    p.add_argument("--num-beams", type=_positive_int, default=4)
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
+    p = sample_parser()
     args = p.parse_args(argv)
     path = os.path.join(args.out_dir, "config.json")
     if not os.path.exists(path):
@@ -824,7 +644,7 @@ def sample(argv: list[str]) -> int:
     tokenizer = tokenizers.load_tokenizer(args.out_dir)
     with checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints")) as ckpt:
         params = jax.tree.map(jax.numpy.asarray, ckpt.restore_params())
-    print(_clm_sample(models.DecoderLM(cfg), params, tokenizer, args.prompt, args.max_new_tokens,
+    print(clm_sample(models.DecoderLM(cfg), params, tokenizer, args.prompt, args.max_new_tokens,
                       seed=args.seed, strategy=args.strategy, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, num_beams=args.num_beams))
     return 0

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import train
-from transformer_jax import checkpoint
+from transformer_jax import checkpoint, tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -42,7 +42,8 @@ def corpus(tmp_path_factory):
 
 
 def _args(corpus, out_dir, *extra, steps=12):
-    return ["--preset", "tiny", "--data", corpus, "--out-dir", str(out_dir), "--batch-size", "4",
+    # one device (the default would be a mesh over conftest's 8 virtual devices)
+    return ["--preset", "tiny", "--data", corpus, "--out-dir", str(out_dir), "--mesh", "none", "--batch-size", "4",
             "--seq-len", "16", "--max-steps", str(steps), "--eval-every", "6", "--eval-batches", "2",
             "--log-every", "3", "--checkpoint-every", "6", "--sample-tokens", "0", *extra]
 
@@ -93,14 +94,14 @@ def test_loss_decreases_and_outputs_are_written(base_run):
 
 
 def _sigterm_at(monkeypatch, stop_step):
-    original = train.make_clm_batch
+    original = tasks.make_clm_batch
 
     def batch(tokens, *, seed, step, **kw):
         if step == stop_step:
             signal.raise_signal(signal.SIGTERM)  # arrives mid-run, as from a scheduler
         return original(tokens, seed=seed, step=step, **kw)
 
-    monkeypatch.setattr(train, "make_clm_batch", batch)
+    monkeypatch.setattr(tasks, "make_clm_batch", batch)
 
 
 @pytest.mark.slow  # five short runs
@@ -132,7 +133,7 @@ def test_exact_resume_after_sigterm_and_after_max_steps(corpus, tmp_path, monkey
 
 
 def _nan_at(monkeypatch, bad_step):
-    original = train.make_clm_batch
+    original = tasks.make_clm_batch
 
     def batch(tokens, *, seed, step, **kw):
         out = original(tokens, seed=seed, step=step, **kw)
@@ -141,7 +142,7 @@ def _nan_at(monkeypatch, bad_step):
             weights[0, 0] = np.nan
         return {**out, "weights": weights}
 
-    monkeypatch.setattr(train, "make_clm_batch", batch)
+    monkeypatch.setattr(tasks, "make_clm_batch", batch)
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(corpus, tmp_path, monkeypatch):
