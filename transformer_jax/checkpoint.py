@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from transformer_jax.training import TrainState
@@ -33,7 +34,8 @@ class Checkpointer:
     """An Orbax CheckpointManager over one run's checkpoint directory.
 
     Args:
-      directory: where the step directories live (created if missing).
+      directory: where the step directories live (created if missing): a local path
+        (made absolute) or a URL such as gs://bucket/run (kept as given).
       max_to_keep: the newest `max_to_keep` checkpoints are kept ...
       keep_best: ... plus the `keep_best` with the lowest validation loss.
       async_save: write in a background thread (the device-to-host copy is still
@@ -46,7 +48,7 @@ class Checkpointer:
             raise ValueError(f"max_to_keep={max_to_keep!r}: expected a positive int")
         if not (isinstance(keep_best, int) and keep_best >= 0):
             raise ValueError(f"keep_best={keep_best!r}: expected an int >= 0")
-        self.directory = os.path.abspath(directory)
+        self.directory = _resolve_directory(directory)
         policy = policies.AnyPreservationPolicy([
             policies.LatestN(n=max_to_keep),
             # reverse=True sorts by descending loss and keeps the tail: the lowest.
@@ -177,10 +179,17 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> None:
         if jax.process_index() == 0:
-            path = os.path.join(self.directory, str(step))
-            if os.path.isdir(path):
-                os.rename(path, f"{path}.corrupt-{int(time.time())}")
+            path = epath.Path(self.directory) / str(step)
+            if path.is_dir():
+                path.rename(path.parent / f"{step}.corrupt-{int(time.time())}")
         self._manager.reload()
+
+
+def _resolve_directory(directory: str | os.PathLike) -> str:
+    """`directory` as a string: local paths made absolute, URLs ("gs://bucket/run", any path
+    containing "://") left untouched, as Orbax opens them through etils.epath."""
+    directory = os.fspath(directory)
+    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def abstract_state(state: Any, shardings: Any = None) -> Any:
