@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                      help="compute dtype (default: bfloat16 on accelerators, float32 on CPU)")
     opt.add_argument("--dropout", type=_fraction, default=None,
-                     help="dropout rate (default: the preset's; 0 for the default CPU model)")
+                     help="dropout rate (default: the preset's; 0 for the small CPU model)")
     log = p.add_argument_group("evaluation, logging, checkpoints")
     log.add_argument("--eval-every", type=_positive_int, default=None,
                      help="steps between validations (default: 250, and the last step)")

@@ -301,3 +301,73 @@ def test_mlm_then_classify_from_it_and_seq2seq(corpus, tmp_path, capsys):
     assert "exact match:" in out and "label_smoothing" not in out
     with open(s2s / "config.json") as f:
         assert json.load(f)["train"]["label_smoothing"] == 0.1
+
+
+def test_every_flag_states_its_default_once(capsys):
+    for parser in (train.build_parser(), train.sample_parser()):
+        for action in parser._actions:
+            if action.nargs == 0:  # --help and switches such as --resume take no value
+                continue
+            text = train._help_with_default(action) % vars(action)
+            assert text.count("default") == 1 and "None" not in text, (action.dest, text)
+    for argv in (["--help"], ["sample", "--help"]):
+        with pytest.raises(SystemExit):
+            train.main(argv)
+        assert "None" not in capsys.readouterr().out
+
+
+def test_mesh_defaults_to_every_device_on_data(monkeypatch):
+    import jax
+
+    mesh = train._make_mesh(None)
+    assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}  # conftest's 8 devices
+    assert train._make_mesh("none") is None
+    assert dict(train._make_mesh("fsdp=4,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    monkeypatch.setattr(jax, "device_count", lambda: 1)
+    assert train._make_mesh(None) is None  # one device: no mesh, as before
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="multi-process"):
+        train._make_mesh("none")
+
+
+def test_default_mesh_needs_a_batch_that_splits(corpus, tmp_path):
+    argv = [a for a in _args(corpus, tmp_path / "r") if a not in ("--mesh", "none")]
+    with pytest.raises(ValueError, match="--batch-size=4 .* data\\*fsdp=8"):
+        train.main(argv)
+    assert not (tmp_path / "r").exists()
+
+
+def test_only_process_0_decides_about_the_out_dir(base_run, tmp_path, monkeypatch):
+    """The other processes take process 0's decision; they never judge the directory,
+    which process 0 may be rewriting meanwhile."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    with open(os.path.join(base_run, "config.json")) as f:
+        config = json.load(f)
+    sent = []
+
+    def broadcast(value, decision):
+        sent.append(int(value))
+        return np.int32(decision)
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    for decision, want in ((1, True), (0, False)):
+        monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v, d=decision: broadcast(v, d))
+        empty = str(tmp_path / "empty")  # process 1 sees no run here, process 0 one to resume
+        assert train._agree_on_out_dir(empty, config, overwrite=False, resume=True) is want
+        assert train._agree_on_out_dir(base_run, config, overwrite=False, resume=False) is want
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v: broadcast(v, -1))
+    with pytest.raises(ValueError, match="rejected by process 0"):
+        train._agree_on_out_dir(base_run, config, overwrite=False, resume=False)
+
+    monkeypatch.setattr(jax, "process_index", lambda: 0)  # process 0 broadcasts its verdict first
+    sent.clear()
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v: broadcast(v, int(v)))
+    assert train._agree_on_out_dir(base_run, config, overwrite=False, resume=False) is True
+    assert train._agree_on_out_dir(base_run, config, overwrite=True, resume=False) is False
+    changed = {**config, "model": {**config["model"], "d_model": 64}}
+    with pytest.raises(ValueError, match="d_model"):
+        train._agree_on_out_dir(base_run, changed, overwrite=False, resume=False)
+    assert sent == [1, 0, -1]
