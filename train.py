@@ -7,8 +7,9 @@
     python train.py sample --out-dir runs/clm --prompt "def main("
 
 Re-running a command on an existing --out-dir resumes it exactly. Everything reusable
-lives in the package (`transformer_jax.training`, `.checkpoint`, `.data`, ...); this
-file parses flags, wires the pieces together and runs the loop.
+lives in the package (`transformer_jax.tasks` for what each objective needs,
+`.run_log`, `.training`, `.checkpoint`, `.sharding`, ...); this file parses flags,
+manages the run directory, wires the pieces together and runs the loop.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
     from transformer_jax.tasks import Task
 
 # ------------------------------------------------------------------------ flags
@@ -313,7 +316,7 @@ def _agree_on_out_dir(out_dir: str, config: dict, *, overwrite: bool, resume: bo
     return decision == 1
 
 
-def _make_mesh(spec: str | None):
+def _make_mesh(spec: str | None) -> Mesh | None:
     """The device mesh of --mesh: a spec for `sharding.make_mesh`; "none" for one device
     (no mesh; single-process runs only); None (the default) puts every device on "data"
     when there are several, and is one device otherwise."""
@@ -352,6 +355,13 @@ class _StopSignal:
 
 
 def train(args: argparse.Namespace) -> int:
+    """Train as `build_parser`'s `args` say: validate everything, then start, resume or
+    overwrite the run in --out-dir and train to --max-steps (or a SIGTERM/SIGINT, after
+    which the step is finished and saved). Returns the exit status, 0.
+
+    Raises ValueError for invalid flags, data or run directories (before writing
+    anything), FloatingPointError for a non-finite step without --skip-nonfinite.
+    """
     import jax
 
     from transformer_jax import checkpoint, sharding, tokenizers, training
