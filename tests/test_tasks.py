@@ -74,13 +74,16 @@ def test_clm_sample_greedy_matches_step_by_step_argmax(char_model):
     model, params, tokenizer = char_model
     params = jax.tree.map(lambda x: 3 * x, params)  # sharper logits: varied greedy tokens
     prompt, n, width = "abc", 11, 4
+    forward = jax.jit(lambda tokens: model.apply({"params": params}, tokens))
     ids = [int(i) for i in tokenizer.encode(prompt)]
     new = []
     while len(new) < n:
         context = (ids + new)[-width:]
         for _ in range(8 - width + 1):
-            logits = model.apply({"params": params}, np.array([context], np.int32))
-            context.append(int(np.argmax(logits[0, -1])))
+            padded = np.zeros((1, 8), np.int32)  # causal: padding after the context changes nothing
+            padded[0, :len(context)] = context
+            logits = forward(padded)
+            context.append(int(np.argmax(logits[0, len(context) - 1])))
             new.append(context[-1])
             if new[-1] == tokenizer.eos_id:
                 break
