@@ -113,6 +113,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     """The training CLI. Defaults of None are filled in by `_resolve_defaults`."""
     from transformer_jax.config import ModelConfig, list_presets
+    from transformer_jax.tasks import OBJECTIVES
 
     p = argparse.ArgumentParser(
         prog="train.py", description=__doc__.split("\n\n")[0],
@@ -120,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=list_presets(), default=None,
                      help="model preset (default: a small char model on CPU, char-small on accelerators)")
-    run.add_argument("--objective", choices=("clm", "mlm", "seq2seq", "classify"), default="clm",
+    run.add_argument("--objective", choices=OBJECTIVES, default="clm",
                      help="causal LM (DecoderLM), masked LM (MaskedLM), translation "
                           "(EncoderDecoder) or classification (SequenceClassifier)")
     run.add_argument("--data", default=None,
