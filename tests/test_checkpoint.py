@@ -131,3 +131,22 @@ def test_restore_onto_given_shardings(tmp_path):
     assert restored.params["head"]["kernel"].sharding == split
     assert restored.params["norm"]["scale"].sharding == replicated
     _assert_same(restored, _state(1))
+
+
+@pytest.mark.parametrize("directory", ["gs://bucket/run/checkpoints", "s3://b/ckpt"])
+def test_checkpointer_keeps_url_directories(directory, monkeypatch):
+    opened = []
+
+    class Manager:  # stands in for Orbax, which would open the bucket
+        def __init__(self, path, **kwargs):
+            opened.append(path)
+
+    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", Manager)
+    assert checkpoint.Checkpointer(directory).directory == directory
+    assert opened == [directory]
+
+
+def test_checkpointer_makes_local_directories_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.Checkpointer("run/checkpoints") as ckpt:
+        assert ckpt.directory == str(tmp_path / "run" / "checkpoints")

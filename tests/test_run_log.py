@@ -1,10 +1,7 @@
-"""A run's files: RunLog (metrics.jsonl, TensorBoard, loss.png) and checkpoint directory paths."""
+"""A run's files: RunLog (metrics.jsonl, TensorBoard, loss.png)."""
 import json
 import os
 
-import pytest
-
-from transformer_jax import checkpoint
 from transformer_jax.run_log import RunLog, read_jsonl
 
 
@@ -38,22 +35,3 @@ def test_disabled_log_writes_nothing(tmp_path):
     log.close()
     assert os.listdir(tmp_path) == []
     assert read_jsonl(str(tmp_path / "metrics.jsonl")) == []
-
-
-@pytest.mark.parametrize("directory", ["gs://bucket/run/checkpoints", "s3://b/ckpt"])
-def test_checkpointer_keeps_url_directories(directory, monkeypatch):
-    opened = []
-
-    class Manager:  # stands in for Orbax, which would open the bucket
-        def __init__(self, path, **kwargs):
-            opened.append(path)
-
-    monkeypatch.setattr(checkpoint.ocp, "CheckpointManager", Manager)
-    assert checkpoint.Checkpointer(directory).directory == directory
-    assert opened == [directory]
-
-
-def test_checkpointer_makes_local_directories_absolute(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    with checkpoint.Checkpointer("run/checkpoints") as ckpt:
-        assert ckpt.directory == str(tmp_path / "run" / "checkpoints")
