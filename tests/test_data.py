@@ -9,7 +9,8 @@ import pytest
 
 from transformer_jax.data import (STDLIB_MODULES, TokenSplits, encode_labelled, encode_pairs,
                                   get_batch, get_mlm_batch, load_text, make_classify_batch,
-                                  make_seq2seq_batch, mask_tokens, prepare_tokens, read_tsv,
+                                  make_seq2seq_batch, make_shuffle_batch, mask_tokens,
+                                  prepare_tokens, read_tsv,
                                   reverse_pairs, seq2seq_lengths, shakespeare_text,
                                   shuffle_examples, split_examples, validate_seq_len)
 from transformer_jax.tokenizers import ByteTokenizer, CharTokenizer, Tokenizer
@@ -342,6 +343,28 @@ def test_shuffle_examples_are_windows_or_their_permutations():
             assert any(np.array_equal(ids, w) for w in windows)
         else:
             assert any(np.array_equal(np.sort(ids), np.sort(w)) for w in windows)
+
+
+def test_shuffle_batches_are_fresh_each_step_and_split_over_processes():
+    tokens = np.random.default_rng(fresh_seed()).integers(1, 50, size=500)
+    seed = fresh_seed()
+    ids, mask, labels = make_shuffle_batch(tokens, seed=seed, step=3, batch_size=8, seq_len=10,
+                                           pad_id=0)
+    assert ids.shape == mask.shape == (8, 10) and labels.tolist() == [0, 1] * 4
+    for row, label in zip(ids, labels):
+        real = row[row != 0]
+        assert 5 <= len(real) <= 10
+        windows = [tokens[s:s + len(real)] for s in range(len(tokens) - len(real) + 1)]
+        match = (lambda w: np.array_equal(real, w)) if label == 0 else (
+            lambda w: np.array_equal(np.sort(real), np.sort(w)))
+        assert any(match(w) for w in windows)
+    again = make_shuffle_batch(tokens, seed=seed, step=3, batch_size=8, seq_len=10, pad_id=0)
+    assert all(np.array_equal(a, b) for a, b in zip((ids, mask, labels), again))
+    other, _, _ = make_shuffle_batch(tokens, seed=seed, step=4, batch_size=8, seq_len=10, pad_id=0)
+    assert not np.array_equal(ids, other)  # a new step draws new windows
+    halves = [make_shuffle_batch(tokens, seed=seed, step=3, batch_size=8, seq_len=10, pad_id=0,
+                                 process_index=i, process_count=2)[0] for i in range(2)]
+    assert np.array_equal(np.concatenate(halves), ids)
 
 
 def test_classify_batch_pads_and_labels():

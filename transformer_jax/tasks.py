@@ -163,7 +163,8 @@ def build_task(objective: str, cfg_fn: Callable[[int], ModelConfig], *, data_spe
 
     if objective != "classify":
         raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
-    # TSV rows (label<TAB>text), or the synthetic task: original vs shuffled windows
+    # TSV rows (label<TAB>text), or the synthetic task: original vs shuffled windows,
+    # drawn fresh every step from the train split (validation: from the val split).
     label_names = ["original", "shuffled"]
     if data_spec.endswith(".tsv"):
         rows = data.read_tsv(data_spec)
@@ -171,21 +172,25 @@ def build_task(objective: str, cfg_fn: Callable[[int], ModelConfig], *, data_spe
             tokenizer = tokenizers.build_tokenizer(tokenizer_kind, "\n".join(x for _, x in rows),
                                                    vocab_size=vocab_size)
         examples, label_names = data.encode_labelled(rows, tokenizer)
+        train_ex, val_ex = data.split_examples(examples)
+        draw = functools.partial(data.make_classify_batch, batch_size=b, seq_len=t,
+                                 pad_id=tokenizer.pad_id)
+        train_source, val_source = train_ex, val_ex
     else:
         corpus = "stdlib" if data_spec == "shuffle" else data_spec
         splits, tokenizer = load_token_splits(corpus, tokenizer, **tok_options)
-        examples = data.shuffle_examples(splits.train, 4000, seed=seed, seq_len=t)
-    train_ex, val_ex = data.split_examples(examples)
+        draw = functools.partial(data.make_shuffle_batch, batch_size=b, seq_len=t,
+                                 pad_id=tokenizer.pad_id)
+        train_source, val_source = splits.train, splits.val
     cfg = cfg_fn(tokenizer.vocab_size)
 
-    def make(exs, *, seed, step):
-        tokens, mask, labels = data.make_classify_batch(exs, seed=seed, step=step, batch_size=b,
-                                                        seq_len=t, pad_id=tokenizer.pad_id)
+    def make(source, *, seed, step):
+        tokens, mask, labels = draw(source, seed=seed, step=step)
         return {"tokens": tokens, "padding_mask": mask, "labels": labels}
     model = models.SequenceClassifier(cfg, num_classes=len(label_names), pooling=pooling)
-    val = [make(val_ex, seed=seed + 1, step=i) for i in range(eval_batches)]
+    val = [make(val_source, seed=seed + 1, step=i) for i in range(eval_batches)]
     task = Task(model, (np.zeros((1, t), np.int32),),
-                lambda step: make(train_ex, seed=seed, step=step), val,
+                lambda step: make(train_source, seed=seed, step=step), val,
                 tokens_per_batch=b * t, init_kwargs={"padding_mask": np.ones((1, t), bool)},
                 extra={"label_names": label_names},
                 show=lambda params: accuracy(model, params, val, "tokens", "labels",

@@ -12,7 +12,8 @@ batch is the same for any ``process_count``, and each process gets its own rows.
 from transformer_jax.data.corpora import (STDLIB_MODULES, load_text, shakespeare_text,
                                           stdlib_text)
 from transformer_jax.data.examples import (encode_labelled, encode_pairs, make_classify_batch,
-                                           make_seq2seq_batch, read_tsv, reverse_pairs,
+                                           make_seq2seq_batch, make_shuffle_batch, read_tsv,
+                                           reverse_pairs,
                                            seq2seq_lengths, shuffle_examples, split_examples)
 from transformer_jax.data.lm import (TokenSplits, get_batch, get_mlm_batch, mask_tokens,
                                      prepare_tokens, token_dtype, validate_seq_len)
@@ -21,5 +22,5 @@ __all__ = [
     "STDLIB_MODULES", "TokenSplits", "encode_labelled", "encode_pairs", "get_batch",
     "get_mlm_batch", "load_text", "make_classify_batch", "make_seq2seq_batch", "mask_tokens",
     "prepare_tokens", "read_tsv", "reverse_pairs", "seq2seq_lengths", "shakespeare_text",
-    "shuffle_examples", "split_examples", "stdlib_text", "token_dtype", "validate_seq_len",
+    "make_shuffle_batch", "shuffle_examples", "split_examples", "stdlib_text", "token_dtype", "validate_seq_len",
 ]

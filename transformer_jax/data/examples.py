@@ -77,11 +77,12 @@ def reverse_pairs(num_examples: int, *, seed: int, min_len: int = 1, max_len: in
     return [(s, s[::-1]) for s in sources]
 
 
-def shuffle_examples(tokens: np.ndarray, num_examples: int, *, seed: int, seq_len: int
-                     ) -> list[Labelled]:
+def shuffle_examples(tokens: np.ndarray, num_examples: int, *,
+                     seed: int | np.random.Generator, seq_len: int) -> list[Labelled]:
     """Synthetic classification task: windows of ``tokens`` with lengths uniform in
     ``[seq_len // 2, seq_len]``; label 1 windows have their tokens permuted, label 0
-    windows are unchanged. Labels alternate 0, 1, 0, ... so the classes are balanced."""
+    windows are unchanged. Labels alternate 0, 1, 0, ... so the classes are balanced.
+    ``seed``: an int, or a Generator to draw from."""
     if len(tokens) < seq_len:
         raise ValueError(f"tokens holds {len(tokens)} tokens, fewer than seq_len={seq_len}")
     rng = np.random.default_rng(seed)
@@ -168,6 +169,22 @@ def make_classify_batch(examples: Sequence[Labelled], *, seed: int, step: int, b
     tokens, padding_mask = _pad([np.concatenate([prefix, ids]) for ids, _ in chosen], seq_len,
                                 pad_id, "seq_len")
     return tokens, padding_mask, np.array([label for _, label in chosen], dtype=np.int32)
+
+
+def make_shuffle_batch(tokens: np.ndarray, *, seed: int, step: int, batch_size: int,
+                       seq_len: int, pad_id: int, process_index: int = 0, process_count: int = 1,
+                       rows: slice | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch of the synthetic shuffle task drawn fresh from ``tokens`` for ``(seed, step)``.
+
+    Unlike a fixed list of ``shuffle_examples``, every step sees new windows, so a
+    model cannot pass the task by memorising examples. Returns this process's rows
+    (see ``get_batch``), laid out as ``make_classify_batch``'s.
+    """
+    examples = shuffle_examples(tokens, batch_size, seed=batch_rng(seed, step, EXAMPLES),
+                                seq_len=seq_len)
+    chosen = examples[local_rows(batch_size, process_index, process_count, rows)]
+    ids, padding_mask = _pad([ids for ids, _ in chosen], seq_len, pad_id, "seq_len")
+    return ids, padding_mask, np.array([label for _, label in chosen], dtype=np.int32)
 
 
 def _choose(examples: Sequence, seed: int, step: int, batch_size: int, rows: slice) -> list:
