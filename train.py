@@ -370,7 +370,7 @@ def train(args: argparse.Namespace) -> int:
     from transformer_jax import checkpoint, sharding, tokenizers, training
     from transformer_jax.config import ModelConfig, get_config
     from transformer_jax.run_log import RunLog
-    from transformer_jax.tasks import build_task
+    from transformer_jax.tasks import build_task, check_batch
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
     accelerator = jax.default_backend() != "cpu"
@@ -405,6 +405,8 @@ def train(args: argparse.Namespace) -> int:
     if args.objective in ("clm", "mlm") and args.seq_len > cfg.max_len and cfg.pos_encoding == "learned":
         raise ValueError(f"--seq-len={args.seq_len} exceeds the model's max_len={cfg.max_len}: "
                          f"pass --max-len {args.seq_len} or a shorter --seq-len")
+    for batch in (task.train_batch(0), *task.val_batches):  # before anything compiles
+        check_batch(batch, cfg)
     config = _run_config(args, cfg, task)
     resuming = _agree_on_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
 

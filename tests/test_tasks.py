@@ -93,3 +93,16 @@ def test_clm_sample_greedy_matches_step_by_step_argmax(char_model):
     assert len(new) >= n and len(set(new)) > 3  # three windows of varied tokens
     want = prompt + tokenizer.decode(new[:n])
     assert tasks.clm_sample(model, params, tokenizer, prompt, n, seed=0, strategy="greedy") == want
+
+
+def test_check_batch_rejects_ids_outside_the_vocabulary():
+    check_batch = tasks.check_batch
+    cfg = get_config("tiny")
+    good = {"inputs": np.zeros((2, 8), np.int32), "weights": np.ones((2, 8), np.float32)}
+    check_batch(good, cfg)
+    bad = {"inputs": np.full((2, 8), cfg.vocab_size, np.int32)}
+    with pytest.raises(ValueError, match=r"batch\['inputs'\] ids must lie in \[0, 61\)"):
+        check_batch(bad, cfg)
+    too_long = {"src": np.zeros((1, cfg.max_len + 1), np.int32)}
+    with pytest.raises(ValueError, match="src"):
+        check_batch(too_long, cfg)

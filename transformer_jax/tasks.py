@@ -198,6 +198,20 @@ def build_task(objective: str, cfg_fn: Callable[[int], ModelConfig], *, data_spe
     return task, cfg, tokenizer
 
 
+TOKEN_KEYS = ("inputs", "targets", "src", "tgt_in", "tgt_out", "tokens")
+
+
+def check_batch(batch: dict, cfg: ModelConfig) -> None:
+    """Raise ValueError unless every token array of a host `batch` fits `cfg`.
+
+    Token ids must lie in [0, vocab_size) and lengths within a learned position table
+    (`models.check_tokens`); inside jit the models would clamp bad ids silently.
+    """
+    for key in TOKEN_KEYS:
+        if key in batch:
+            models.check_tokens(batch[key], cfg, name=f"batch[{key!r}]")
+
+
 def accuracy(model: Any, params: Any, batches: list[dict], input_key: str, label_key: str,
              what: str) -> str:
     """'<what>: 93.1% (of n)': argmax predictions of `model` on `batch[input_key]` against
