@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import BlockStack, Embedder, LMHead, make_norm, segment_positions
 from transformer_jax.models.cache import CachePosition
-from transformer_jax.models.checks import check_decode_lengths, check_token_shape
+from transformer_jax.models.checks import check_token_shape
 
 
 class DecoderLM(nn.Module):
@@ -60,8 +60,7 @@ class DecoderLM(nn.Module):
                     f"got {tuple(segment_ids.shape)}"
                 )
         if not decode and decode_lengths is not None:
-            raise ValueError("decode_lengths is only used with decode=True")
-        check_decode_lengths(decode_lengths, tokens)
+            raise ValueError("decode_lengths is only used with decode=True")  # checked by CachePosition
 
         valid = None
         if decode:

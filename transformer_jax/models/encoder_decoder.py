@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import BlockStack, Embedder, LMHead, make_norm
 from transformer_jax.models.cache import CachePosition
-from transformer_jax.models.checks import check_decode_lengths, check_padding_mask, check_token_shape
+from transformer_jax.models.checks import check_padding_mask, check_token_shape
 from transformer_jax.models.encoder import attention_mask, token_positions
 
 
@@ -100,8 +100,7 @@ class EncoderDecoder(nn.Module):
                 f"got {src_padding_mask.dtype} {tuple(src_padding_mask.shape)}"
             )
         if not decode and decode_lengths is not None:
-            raise ValueError("decode_lengths is only used with decode=True")
-        check_decode_lengths(decode_lengths, tgt)
+            raise ValueError("decode_lengths is only used with decode=True")  # checked by CachePosition
 
         valid = None
         if decode:
