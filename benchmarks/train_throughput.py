@@ -19,6 +19,7 @@ reached --target.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import statistics
@@ -137,9 +138,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--eval-every", type=int, default=250, help="--convergence: eval interval")
     p.add_argument("--target", type=float, default=1.30, help="--convergence: val loss target")
     p.add_argument("--out-dir", default=None, help="--convergence: run directory (default: a temp dir)")
+    p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args(argv)
     result = convergence(args) if args.convergence else throughput(args)
+    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    result["jax"] = jax.__version__
     print(json.dumps(result, indent=2))
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

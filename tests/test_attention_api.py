@@ -8,6 +8,7 @@ import pytest
 
 from transformer_jax.attention import dot_product_attention, masks, select_implementation
 from transformer_jax.attention.dispatch import REFERENCE_MAX_SCORES
+from transformer_jax.attention.pallas_tuning import BlockSizes
 
 
 def normal(seed, shape, dtype=jnp.float32):
@@ -128,6 +129,9 @@ BAD_CALLS = {
     "block 0": (dict(block_sizes=0, implementation="blockwise"), ValueError, "block_sizes"),
     "block pair": (dict(block_sizes=(4, -1)), ValueError, "block_sizes"),
     "block type": (dict(block_sizes=2.5), TypeError, "block_sizes"),
+    "pallas tiling elsewhere": (dict(block_sizes=BlockSizes(), implementation="blockwise"), ValueError,
+                                "implementation='pallas'"),
+    "pallas tiling auto": (dict(block_sizes=BlockSizes()), ValueError, "implementation='pallas'"),
     "implementation": (dict(implementation="flash"), ValueError, "implementation"),
     "cudnn on cpu": (dict(implementation="cudnn"), ValueError, "cudnn"),
     "pallas on cpu": (dict(implementation="pallas"), ValueError, "pallas"),

@@ -18,7 +18,7 @@ from hypothesis import example, given, settings
 from transformer_jax.attention import pallas_gpu
 from transformer_jax.attention.pallas_bwd import q_tile_ranges
 from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
-from transformer_jax.attention.pallas_tuning import BlockSizes, candidates, default_block_sizes
+from transformer_jax.attention.pallas_tuning import STAGES, BlockSizes, default_block_sizes, stage_candidates
 
 TILES = BlockSizes(16, 16, 16, 16, 16, 16)
 
@@ -327,17 +327,18 @@ def test_bad_input_raises_value_error_naming_it(make, overrides, message):
         _attend(*make(), **overrides)
 
 
-def test_table_has_every_supported_head_dim_on_both_generations():
+def test_table_covers_every_head_dim_and_tuning_stages_vary_one_pass_each():
     for head_dim in pallas_gpu.SUPPORTED_HEAD_DIMS:
         for generation in ("sm80", "sm90"):
             assert isinstance(default_block_sizes(head_dim, generation), BlockSizes)
     with pytest.raises(ValueError, match="head_dim"):
         default_block_sizes(96, "sm90")
-    sweep = candidates(128, "sm90")
     table = default_block_sizes(128, "sm90")
-    assert table in sweep["forward"] and table in sweep["backward"]
-    # each list varies only its own pass's fields
-    assert {(c.block_q_dkv, c.block_q_dq, c.num_warps_bwd) for c in sweep["forward"]} == {
-        (table.block_q_dkv, table.block_q_dq, table.num_warps_bwd)}
-    assert {(c.block_q, c.block_k, c.num_stages) for c in sweep["backward"]} == {
-        (table.block_q, table.block_k, table.num_stages)}
+    fwd_fields = {"block_q", "block_k", "num_warps", "num_stages"}
+    for stage in STAGES:
+        assert stage.timed_pass in ("forward", "backward")
+        for option in stage.options:  # each stage varies only its own pass's fields
+            assert (set(option) <= fwd_fields) == (stage.timed_pass == "forward"), (stage.name, option)
+        sweep = stage_candidates(stage, table)
+        assert len(sweep) == len(stage.options) == len(set(sweep))
+        assert all(isinstance(c, BlockSizes) for c in sweep)

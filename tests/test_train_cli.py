@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import train
+from processes import cpu_env, free_port, run_together
 from transformer_jax import checkpoint, tasks
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -375,35 +376,13 @@ def test_only_process_0_decides_about_the_out_dir(base_run, tmp_path, monkeypatc
 
 @pytest.mark.slow  # two processes, each compiling for a 4-device mesh
 def test_two_processes_overwrite_a_shared_out_dir(base_run, corpus, tmp_path):
-    import socket
-    import subprocess
-    import sys
-
     out = tmp_path / "shared"
     shutil.copytree(base_run, out)  # an older run, replaced with --overwrite
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     argv = [a for a in _args(corpus, out, "--overwrite", "--d-model", "64", steps=3)
             if a not in ("--mesh", "none")]  # the default mesh: all 4 devices of both processes
-    argv += ["--coordinator-address", f"localhost:{port}", "--num-processes", "2"]
-    logs = [open(tmp_path / f"process{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen([sys.executable, "train.py", *argv, "--process-id", str(i)], cwd=repo,
-                              env=env, stdout=log, stderr=subprocess.STDOUT) for i, log in enumerate(logs)]
-    try:
-        codes = [p.wait(timeout=300) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    tails = []
-    for log in logs:
-        log.seek(0)
-        tails.append(log.read()[-3000:])
-        log.close()
+    argv += ["--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2"]
+    codes, tails = run_together([["train.py", *argv, "--process-id", str(i)] for i in range(2)], tmp_path,
+                                env=cpu_env(devices=2), timeout_s=300)
     assert codes == [0, 0], "\n---\n".join(tails)
     assert "on 4 cpu device(s)" in tails[0]
     with open(out / "config.json") as f:

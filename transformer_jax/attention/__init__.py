@@ -16,8 +16,9 @@ import jax
 from transformer_jax.attention import batching, blockwise, dispatch, jax_nn, reference
 from transformer_jax.attention.arguments import Operands, Options, normalise
 from transformer_jax.attention.dispatch import Selection
+from transformer_jax.attention.pallas_tuning import BlockSizes
 
-__all__ = ["dot_product_attention", "select_implementation", "Selection"]
+__all__ = ["dot_product_attention", "select_implementation", "Selection", "BlockSizes"]
 
 
 def dot_product_attention(
@@ -34,7 +35,7 @@ def dot_product_attention(
     local_window_size: int | tuple[int, int] | None = None,
     segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
     implementation: str | None = None,
-    block_sizes: int | tuple[int, int] | None = None,
+    block_sizes: int | tuple[int, int] | BlockSizes | None = None,
     logits_soft_cap: float | None = None,
     dropout_rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
@@ -66,7 +67,8 @@ def dot_product_attention(
       implementation: None (auto, see `select_implementation`), "reference",
         "blockwise", "xla", "cudnn" or "pallas". A named one that cannot serve the call
         raises ValueError.
-      block_sizes: int or (block_q, block_k) for blockwise/pallas.
+      block_sizes: int or (block_q, block_k) for blockwise/pallas; for pallas also a
+        `BlockSizes` (every tile, warp count and pipeline depth).
       logits_soft_cap: if set, logits -> cap * tanh(logits / cap) before bias and masks.
       dropout_rng, dropout_rate, broadcast_dropout, deterministic: attention-weight
         dropout as in flax (reference and blockwise only). Active only when

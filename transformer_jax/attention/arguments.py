@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from transformer_jax.attention.masks import SequenceInfo
+from transformer_jax.attention.pallas_tuning import BlockSizes
 
 IMPLEMENTATIONS = ("reference", "blockwise", "xla", "cudnn", "pallas")
 
@@ -44,7 +45,7 @@ class Options:
     logits_soft_cap: float | None
     dropout_rate: float  # 0.0 when deterministic
     broadcast_dropout: bool
-    block_sizes: tuple[int, int] | None
+    block_sizes: tuple[int, int] | BlockSizes | None  # BlockSizes: the Pallas kernel's full tiling
     precision: Any
 
 
@@ -136,7 +137,7 @@ def normalise(
         logits_soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
         dropout_rate=active_dropout,
         broadcast_dropout=_flag(broadcast_dropout, "broadcast_dropout"),
-        block_sizes=_pair(block_sizes, "block_sizes", minimum=1),
+        block_sizes=_block_sizes(block_sizes),
         precision=precision,
     )
     operands = Operands(query, key, value, bias, mask, seq, dropout_rng if active_dropout else None)
@@ -156,6 +157,13 @@ def _flag(x, name):
     if not isinstance(x, (bool, np.bool_)):
         raise TypeError(f"{name} must be a Python bool, got {x!r}")
     return bool(x)
+
+
+def _block_sizes(x):
+    """None, an int, a pair of ints, or a pallas_tuning.BlockSizes (Pallas kernel only)."""
+    if isinstance(x, BlockSizes):
+        return x
+    return _pair(x, "block_sizes", minimum=1)
 
 
 def _pair(x, name, *, minimum):

@@ -22,6 +22,7 @@ import jax
 
 from transformer_jax.attention import jax_nn
 from transformer_jax.attention.arguments import IMPLEMENTATIONS, Operands, Options
+from transformer_jax.attention.pallas_tuning import BlockSizes
 
 # q_len * kv_len of one head at which blockwise becomes the better choice (measured on CPU).
 REFERENCE_MAX_SCORES = 128 * 128
@@ -36,6 +37,12 @@ class Selection(NamedTuple):
 
 def choose(ops: Operands, opts: Options, implementation: str | None) -> Selection:
     """Resolve `implementation` for these normalised arguments (see module docstring)."""
+    if isinstance(opts.block_sizes, BlockSizes) and implementation != "pallas":
+        raise ValueError(
+            f"block_sizes={opts.block_sizes!r} is a Pallas tiling, taken only with "
+            f"implementation='pallas' (got implementation={implementation!r}); other "
+            f"implementations take an int or (block_q, block_k)"
+        )
     if implementation is not None:
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")

@@ -3,11 +3,13 @@
 The table is keyed by (head_dim, GPU generation). Its entries are starting points
 taken from the shapes public Triton flash-attention kernels use on A100/H100; they
 have NOT been autotuned on hardware yet (no GPU was available when they were written).
-benchmarks/PALLAS_NOTES.md says how to tune them and where to record the result.
+`STAGES` is the search benchmarks/tune_pallas.py runs on a GPU to tune them;
+benchmarks/PALLAS_NOTES.md says where to record the result.
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 
@@ -96,24 +98,32 @@ def default_block_sizes(head_dim: int, generation: str | None = None) -> BlockSi
         ) from None
 
 
-def candidates(head_dim: int, generation: str | None = None) -> dict[str, list[BlockSizes]]:
-    """The sweep a tuning run times on a GPU, starting from the table entry.
+class Stage(NamedTuple):
+    """One step of the tuning search: the fields it varies, and the values it tries."""
 
-    Returns {"forward": [...], "backward": [...]}: the forward list varies only the forward
-    fields and the backward list only the backward ones, since each pass's time depends on
-    its own fields alone; tune each, then combine the two winners into the table entry.
-    Configurations that exceed shared memory fail to compile; a tuner should skip them.
-    """
-    base = default_block_sizes(head_dim, generation)
-    forward = [
-        dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=w, num_stages=s)
-        for bq in (64, 128) for bk in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)
-    ]
-    backward = [
-        dataclasses.replace(base, block_q_dkv=q1, block_k_dkv=k1, block_q_dq=q2, block_k_dq=k2,
-                            num_warps_bwd=w, num_stages_bwd=s)
+    name: str
+    timed_pass: str  # "forward" (time the forward) or "backward" (time forward + backward)
+    options: tuple[dict[str, int], ...]
+
+
+# Coordinate descent, one group of fields at a time, each stage starting from the best so far:
+# tiles first (they decide the work per program), then warps and pipeline depth for those
+# tiles. 34 candidates per head dim instead of the 36 * 96 of the full product. Each pass's
+# time depends on its own fields only, so the forward stages leave the backward fields alone.
+STAGES: tuple[Stage, ...] = (
+    Stage("forward tiles", "forward", tuple(
+        dict(block_q=bq, block_k=bk) for bq in (64, 128) for bk in (32, 64, 128))),
+    Stage("forward launch", "forward", tuple(
+        dict(num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4))),
+    Stage("backward tiles", "backward", tuple(
+        dict(block_q_dkv=q1, block_k_dkv=k1, block_q_dq=q2, block_k_dq=k2)
         for q1, k1 in ((32, 64), (32, 128), (64, 64), (64, 128))
-        for q2, k2 in ((64, 32), (128, 32), (64, 64), (128, 64))
-        for w in (4, 8) for s in (1, 2, 3)
-    ]
-    return {"forward": forward, "backward": backward}
+        for q2, k2 in ((64, 32), (128, 32), (64, 64), (128, 64)))),
+    Stage("backward launch", "backward", tuple(
+        dict(num_warps_bwd=w, num_stages_bwd=s) for w in (4, 8) for s in (1, 2, 3))),
+)
+
+
+def stage_candidates(stage: Stage, best: BlockSizes) -> list[BlockSizes]:
+    """`best` with each of the stage's options applied (the tuner times these)."""
+    return [dataclasses.replace(best, **option) for option in stage.options]
