@@ -367,25 +367,67 @@ def train(args: argparse.Namespace) -> int:
     """
     import jax
 
-    from transformer_jax import checkpoint, sharding, tokenizers, training
-    from transformer_jax.config import ModelConfig, get_config
-    from transformer_jax.run_log import RunLog
-    from transformer_jax.tasks import build_task, check_batch
+    from transformer_jax import checkpoint, sharding
 
     sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
-    accelerator = jax.default_backend() != "cpu"
-    _resolve_defaults(args, accelerator)
+    _resolve_defaults(args, accelerator=jax.default_backend() != "cpu")
     is_main = jax.process_index() == 0
     say = print if is_main else (lambda *a, **k: None)
 
-    # The source run of --init-from fixes the architecture and the tokenizer.
+    task, cfg, tokenizer = _build_task(args)
+    config = _run_config(args, cfg, task)
+    resuming = _agree_on_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
+    run = _compile_run(args, task)
+    if is_main and not resuming:  # only once every flag has been validated
+        _start_fresh(args.out_dir, config, tokenizer)
+    if jax.process_count() > 1:  # no process reads the directory before process 0 has written it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("train.py: out-dir ready")
+
+    ckpt = checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints"),
+                                   max_to_keep=args.keep_checkpoints)
+    mesh_ctx = sharding.use_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
+    with mesh_ctx, ckpt, _StopSignal() as stop:
+        state = ckpt.restore(checkpoint.abstract_state(run.abstract, run.state_sharding)) if resuming else None
+        if state is None:
+            state = jax.jit(run.init_fn, **run.jit_state)()
+            if args.init_from:
+                state = state.replace(params=_load_init_params(args.init_from, state.params, say))
+        start = int(state.step)
+        n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract.params))
+        say(f"{args.objective}: {n_params / 1e6:.2f}M params ({cfg.d_model}d x {cfg.num_layers}L, "
+            f"{cfg.dtype}), vocab {cfg.vocab_size}, batch {args.batch_size} x {args.seq_len}, "
+            f"{args.max_steps} steps on {run.num_devices} {jax.default_backend()} device(s)"
+            + (f"; resuming at step {start}" if start else ""))
+        if task.baseline is not None:
+            say(f"unigram entropy of the training tokens: {task.baseline:.3f} nats")
+        state = _train_loop(args, task, cfg, run, state, ckpt, stop, say, is_main)
+        # (multi-process: params span hosts, and generation here is single-process)
+        if not stop.received and jax.process_count() == 1 and args.sample_tokens:
+            text = task.show(state.params)
+            with open(os.path.join(args.out_dir, "sample.txt"), "w") as f:
+                f.write(text + "\n")
+            say(("sample:\n" if args.objective in ("clm", "seq2seq") else "") + text)
+    return 0
+
+
+def _build_task(args: argparse.Namespace):
+    """(task, model config, tokenizer) for the flags, with the data checked before anything compiles.
+
+    --init-from fixes the architecture and tokenizer to the source run's; an existing run
+    in --out-dir (resumed) keeps its own tokenizer.
+    """
+    from transformer_jax import tokenizers
+    from transformer_jax.config import ModelConfig, get_config
+    from transformer_jax.tasks import build_task, check_batch
+
     tokenizer, base_cfg = None, None
     if args.init_from:
         with open(os.path.join(args.init_from, "config.json")) as f:
             base_cfg = ModelConfig.from_dict(json.load(f)["model"])
         tokenizer = tokenizers.load_tokenizer(args.init_from)
     if os.path.exists(os.path.join(args.out_dir, "config.json")) and not args.overwrite:
-        tokenizer = tokenizers.load_tokenizer(args.out_dir)  # a resumed run keeps its tokenizer
+        tokenizer = tokenizers.load_tokenizer(args.out_dir)
 
     def cfg_fn(vocab_size: int) -> ModelConfig:
         overrides = {name[len("model_"):]: v for name, v in vars(args).items()
@@ -405,14 +447,37 @@ def train(args: argparse.Namespace) -> int:
     if args.objective in ("clm", "mlm") and args.seq_len > cfg.max_len and cfg.pos_encoding == "learned":
         raise ValueError(f"--seq-len={args.seq_len} exceeds the model's max_len={cfg.max_len}: "
                          f"pass --max-len {args.seq_len} or a shorter --seq-len")
-    for batch in (task.train_batch(0), *task.val_batches):  # before anything compiles
+    for batch in (task.train_batch(0), *task.val_batches):
         check_batch(batch, cfg)
-    config = _run_config(args, cfg, task)
-    resuming = _agree_on_out_dir(args.out_dir, config, overwrite=args.overwrite, resume=args.resume)
+    return task, cfg, tokenizer
 
-    # Optimizer, state and steps.
-    schedule = training.make_schedule(args.lr, warmup_steps=args.warmup_steps,
-                                      total_steps=args.decay_steps)
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The optimiser, the jitted steps and where arrays live, for one run."""
+
+    schedule: Callable[[int], Any]
+    init_fn: Callable[[], Any]  # -> a fresh TrainState
+    abstract: Any  # the TrainState's shapes
+    mesh: Mesh | None
+    state_sharding: Any  # None without a mesh
+    jit_state: dict  # jax.jit kwargs placing a fresh state on the mesh
+    put: Callable[[dict], Any]  # host batch -> device (global) batch
+    train_step: Callable
+    eval_step: Callable
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size if self.mesh is not None else 1
+
+
+def _compile_run(args: argparse.Namespace, task: Task) -> _Run:
+    """Optimiser, state initialiser and jitted train/eval steps (sharded over --mesh if any)."""
+    import jax
+
+    from transformer_jax import sharding, training
+
+    schedule = training.make_schedule(args.lr, warmup_steps=args.warmup_steps, total_steps=args.decay_steps)
     tx = training.make_optimizer(schedule, weight_decay=args.weight_decay,
                                  grad_clip=args.grad_clip or None, freeze=args.freeze)
     init_fn = functools.partial(training.init_train_state, task.model, tx, task.init_args,
@@ -441,109 +506,112 @@ def train(args: argparse.Namespace) -> int:
         state_sh, put = None, jax.device_put
         jit_state = jit_step = jit_eval = {}
     loss_fn = training.make_loss_fn(task.model, args.objective, label_smoothing=args.label_smoothing)
-    eval_loss_fn = training.make_loss_fn(task.model, args.objective)
     train_step = jax.jit(training.make_train_step(loss_fn, tx, accum_steps=args.accum_steps),
                          donate_argnums=0, **jit_step)
-    eval_step = jax.jit(eval_loss_fn, **jit_eval)
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.params))
-    if is_main and not resuming:  # only once every flag has been validated
-        _start_fresh(args.out_dir, config, tokenizer)
-    if jax.process_count() > 1:  # no process reads the directory before process 0 has written it
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("train.py: out-dir ready")
+    eval_step = jax.jit(training.make_loss_fn(task.model, args.objective), **jit_eval)
+    return _Run(schedule, init_fn, abstract, mesh, state_sh, jit_state, put, train_step, eval_step)
 
-    ckpt = checkpoint.Checkpointer(os.path.join(args.out_dir, "checkpoints"),
-                                   max_to_keep=args.keep_checkpoints)
-    mesh_ctx = sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-    with mesh_ctx, ckpt, _StopSignal() as stop:
-        state = ckpt.restore(checkpoint.abstract_state(abstract, state_sh)) if resuming else None
-        if state is None:
-            state = jax.jit(init_fn, **jit_state)()
-            if args.init_from:
-                state = state.replace(params=_load_init_params(args.init_from, state.params, say))
-        start = int(state.step)
-        say(f"{args.objective}: {n_params / 1e6:.2f}M params ({cfg.d_model}d x {cfg.num_layers}L, "
-            f"{cfg.dtype}), vocab {cfg.vocab_size}, batch {args.batch_size} x {args.seq_len}, "
-            f"{args.max_steps} steps on {mesh.size if mesh else 1} {jax.default_backend()} device(s)"
-            + (f"; resuming at step {start}" if start else ""))
-        if task.baseline is not None:
-            say(f"unigram entropy of the training tokens: {task.baseline:.3f} nats")
 
-        def evaluate(params) -> float:
-            sums = [eval_step(params, put(b)) for b in task.val_batches]
-            total, weight = np.sum(jax.device_get(sums), axis=0)
-            return float(total / max(weight, 1.0))
+def _train_loop(args, task: Task, cfg, run: _Run, state, ckpt, stop: _StopSignal, say, is_main: bool):
+    """Steps from state.step to --max-steps (or a stop signal); logs, evaluates, checkpoints.
 
-        log = RunLog(args.out_dir, start, enabled=is_main)
-        peak = training.peak_flops(jax.devices()[0])
-        flops_tok = _flops_per_token(cfg, args) if peak else None
-        bar = _progress(args.max_steps, start, enabled=is_main and sys.stderr.isatty())
-        t_log, step_log, pending, skipped = time.perf_counter(), start, None, 0
-        t_start = t_log
+    Host-side checks run one step behind the device (the next step is already queued when
+    a step's metrics are read). tokens/s leaves out the first step of the process, which
+    compiles, and evaluation time; that first step's wall time is logged as first_step_sec.
+    """
+    import jax
 
-        def check(done: int, metrics) -> dict:
-            nonlocal skipped
-            m = jax.device_get(metrics)
-            if not m["finite"]:
-                if not args.skip_nonfinite:
-                    raise FloatingPointError(
-                        f"non-finite loss or gradient at step {done} (loss {m['loss']}, grad norm "
-                        f"{m['grad_norm']}); stopping without saving (latest checkpoint: step "
-                        f"{ckpt.latest_step()}). Pass --skip-nonfinite to skip such steps.")
-                skipped += 1
-                say(f"step {done}: non-finite loss or gradient, update skipped")
-            return m
+    from transformer_jax import training
+    from transformer_jax.run_log import RunLog
 
-        try:
-            for step in range(start, args.max_steps):
-                state, metrics = train_step(state, put(task.train_batch(step)))
-                done = step + 1
-                if pending is not None:  # one step behind, so the device stays busy
-                    check(*pending)
-                pending = (done, metrics)
-                last = done == args.max_steps or stop.received
-                if not (last or done % args.log_every == 0 or done % args.eval_every == 0
-                        or done % args.checkpoint_every == 0):
-                    bar.update(1)
-                    continue
-                m = check(*pending)
-                pending = None
-                now = time.perf_counter()
-                rate = (done - step_log) * task.tokens_per_batch / (now - t_log)
-                t_log, step_log = now, done
-                record = {"step": done, "train_loss": float(m["loss"]), "lr": float(schedule(step)),
-                          "tokens_per_sec": rate, "grad_norm": float(m["grad_norm"]),
-                          "elapsed_sec": now - t_start}
-                if peak and flops_tok:
-                    record["mfu"] = rate * flops_tok / (peak * (mesh.size if mesh else 1))
-                val_loss = None
-                if last or done % args.eval_every == 0:
-                    val_loss = evaluate(state.params)
-                    record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
-                    t_log = time.perf_counter()  # keep evaluation out of tokens/s
-                log.write(record)
+    start = int(state.step)
+    log = RunLog(args.out_dir, start, enabled=is_main)
+    peak = training.peak_flops(jax.devices()[0])
+    flops_tok = _flops_per_token(cfg, args) if peak else None
+    bar = _progress(args.max_steps, start, enabled=is_main and sys.stderr.isatty())
+    guard = _FiniteGuard(args.skip_nonfinite, ckpt, say)
+    t_start = time.perf_counter()
+    t_log, step_log, first_step_sec, pending, first_record = t_start, start, None, None, True
+
+    def evaluate(params) -> float:
+        sums = [run.eval_step(params, run.put(b)) for b in task.val_batches]
+        total, weight = np.sum(jax.device_get(sums), axis=0)
+        return float(total / max(weight, 1.0))
+
+    try:
+        for step in range(start, args.max_steps):
+            state, metrics = run.train_step(state, run.put(task.train_batch(step)))
+            done = step + 1
+            if first_step_sec is None:  # compiled and ran: start the tokens/s clock here
+                jax.block_until_ready(metrics)
+                t_log = time.perf_counter()
+                first_step_sec, step_log = t_log - t_start, done
+            if pending is not None:  # one step behind, so the device stays busy
+                guard.check(*pending)
+            pending = (done, metrics)
+            last = done == args.max_steps or stop.received
+            if not (last or done % args.log_every == 0 or done % args.eval_every == 0
+                    or done % args.checkpoint_every == 0):
                 bar.update(1)
-                _report(record, task.baseline, say if not bar.enabled else bar.write)
-                if last or done % args.checkpoint_every == 0:
-                    ckpt.save(done, state, val_loss=val_loss)
-                if stop.received:
-                    say(f"{stop.received} received: saved step {done}, exiting")
-                    break
-            if pending is not None:
-                check(*pending)
-        finally:
-            bar.close()
-            ckpt.wait()
-            log.close()
-        if skipped:
-            say(f"{skipped} step(s) skipped for non-finite values")
-        # (multi-process: params span hosts, and generation here is single-process)
-        if not stop.received and jax.process_count() == 1 and args.sample_tokens:
-            text = task.show(state.params)
-            with open(os.path.join(args.out_dir, "sample.txt"), "w") as f:
-                f.write(text + "\n")
-            say(("sample:\n" if args.objective in ("clm", "seq2seq") else "") + text)
-    return 0
+                continue
+            m = guard.check(*pending)
+            pending = None
+            now = time.perf_counter()
+            # Only the compiling first step so far: its own rate, compilation included.
+            steps, seconds = (done - step_log, now - t_log) if done > step_log else (1, first_step_sec)
+            rate = steps * task.tokens_per_batch / seconds
+            t_log, step_log = now, done
+            record = {"step": done, "train_loss": float(m["loss"]), "lr": float(run.schedule(step)),
+                      "tokens_per_sec": rate, "grad_norm": float(m["grad_norm"]),
+                      "elapsed_sec": now - t_start}
+            if first_record:
+                record["first_step_sec"], first_record = first_step_sec, False
+            if peak and flops_tok:
+                record["mfu"] = rate * flops_tok / (peak * run.num_devices)
+            val_loss = None
+            if last or done % args.eval_every == 0:
+                val_loss = evaluate(state.params)
+                record.update(val_loss=val_loss, val_ppl=math.exp(min(val_loss, 50.0)))
+                t_log = time.perf_counter()  # keep evaluation out of tokens/s
+            log.write(record)
+            bar.update(1)
+            _report(record, task.baseline, say if not bar.enabled else bar.write)
+            if last or done % args.checkpoint_every == 0:
+                ckpt.save(done, state, val_loss=val_loss)
+            if stop.received:
+                say(f"{stop.received} received: saved step {done}, exiting")
+                break
+        if pending is not None:
+            guard.check(*pending)
+    finally:
+        bar.close()
+        ckpt.wait()
+        log.close()
+    if guard.skipped:
+        say(f"{guard.skipped} step(s) skipped for non-finite values")
+    return state
+
+
+class _FiniteGuard:
+    """Reads a step's metrics and stops the run on a non-finite loss or gradient
+    (or counts the skipped update, with --skip-nonfinite)."""
+
+    def __init__(self, skip: bool, ckpt, say):
+        self.skip, self.ckpt, self.say, self.skipped = skip, ckpt, say, 0
+
+    def check(self, done: int, metrics) -> dict:
+        import jax
+
+        m = jax.device_get(metrics)
+        if not m["finite"]:
+            if not self.skip:
+                raise FloatingPointError(
+                    f"non-finite loss or gradient at step {done} (loss {m['loss']}, grad norm "
+                    f"{m['grad_norm']}); stopping without saving (latest checkpoint: step "
+                    f"{self.ckpt.latest_step()}). Pass --skip-nonfinite to skip such steps.")
+            self.skipped += 1
+            self.say(f"step {done}: non-finite loss or gradient, update skipped")
+        return m
 
 
 def _flops_per_token(cfg, args) -> float | None:

@@ -79,6 +79,9 @@ def test_loss_decreases_and_outputs_are_written(base_run):
     assert [r["step"] for r in records] == sorted({*range(3, 40, 3), 20, 40})  # log, eval steps
     for r in records:
         assert {"step", "train_loss", "lr", "tokens_per_sec"} <= r.keys()
+    # the compiling first step is reported on its own and kept out of tokens/s
+    assert [r for r in records if "first_step_sec" in r] == records[:1]
+    assert records[0]["first_step_sec"] > 0
     val = [r["val_loss"] for r in records if "val_loss" in r]
     assert len(val) == 2 and val[-1] < 0.7 * np.log(14)  # well below uniform over the ~14 symbols
     assert records[-1]["train_loss"] < 0.6 * records[0]["train_loss"]
