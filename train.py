@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "pooling did not within 1000 steps)")
     opt.add_argument("--freeze", default=None, metavar="REGEX",
                      help="freeze parameters whose path (e.g. blocks/layer_0/mlp/wi/kernel) matches "
-                          "the regex (re.search), e.g. '^encoder/' to train only a classifier head "
+                          "the regex (re.search), e.g. '^encoder/' to train only a classifier head; "
+                          "layers of a scanned stack match as .../layer_<i>/... too "
                           "(default: train every parameter)")
     opt.add_argument("--skip-nonfinite", action="store_true",
                      help="skip steps with a non-finite loss or gradient instead of stopping")
@@ -484,10 +485,11 @@ def _compile_run(args: argparse.Namespace, task: Task) -> _Run:
                                 seed=args.seed, init_kwargs=task.init_kwargs)
     abstract = jax.eval_shape(init_fn)
     if args.freeze:
-        labels = jax.tree.leaves(training.param_labels(abstract.params, args.freeze))
-        if "frozen" not in labels or "trainable" not in labels:
+        frozen = [np.broadcast_to(m, x.shape) for m, x in zip(
+            jax.tree.leaves(training.frozen_layers(abstract.params, args.freeze)), jax.tree.leaves(abstract.params))]
+        if not any(m.any() for m in frozen) or all(m.all() for m in frozen):
             paths = [training.param_path(p) for p, _ in jax.tree_util.tree_leaves_with_path(abstract.params)]
-            raise ValueError(f"--freeze={args.freeze!r} matches {'no' if 'frozen' not in labels else 'every'}"
+            raise ValueError(f"--freeze={args.freeze!r} matches {'no' if not any(m.any() for m in frozen) else 'every'}"
                              f" parameter; paths look like {paths[:4]}")
     mesh = _make_mesh(args.mesh)
     if mesh is not None:

@@ -194,3 +194,49 @@ def test_peak_flops_table(kind, flops):
     class Device:
         device_kind = kind
     assert training.peak_flops(Device()) == flops
+
+
+def test_freezing_a_layer_of_a_scanned_stack_equals_freezing_it_unscanned():
+    """One --freeze regex, two layouts: the looped stack (blocks/layer_i/...) and the scanned
+    one (blocks/layers/... with a leading layer axis) train identically from equal weights."""
+    from transformer_jax import DecoderLM, get_config
+
+    tx = training.make_optimizer(3e-2, weight_decay=0.1, freeze="^blocks/layer_0/")
+    rng = np.random.default_rng(0)
+    seq = rng.integers(0, 61, (4, 9))
+    batch = {"inputs": jnp.asarray(seq[:, :-1], jnp.int32), "targets": jnp.asarray(seq[:, 1:], jnp.int32)}
+    states = {}
+    for scan in (False, True):
+        model = DecoderLM(get_config("tiny", scan_layers=scan, dropout_rate=0.0))
+        states[scan] = training.init_train_state(model, tx, (batch["inputs"],), seed=0)
+        states[scan] = (model, states[scan])
+    looped = states[False][1].params
+    layers = [looped["blocks"][f"layer_{i}"] for i in range(2)]
+    stacked = {**looped, "blocks": {"layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}}
+    model, state = states[True]
+    states[True] = (model, state.replace(params=stacked, opt_state=tx.init(stacked)))
+
+    trained = {}
+    for scan, (model, state) in states.items():
+        step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx))
+        for _ in range(3):
+            state, metrics = step(state, batch)
+            assert bool(metrics["finite"])
+        trained[scan] = state.params
+    before = stacked["blocks"]["layers"]
+    after = trained[True]["blocks"]["layers"]
+    for path, old in jax.tree_util.tree_leaves_with_path(before):
+        new = after
+        for key in path:
+            new = new[key.key]
+        np.testing.assert_array_equal(new[0], old[0], err_msg=f"layer 0 {path} moved")
+        assert not np.allclose(new[1], old[1]), f"layer 1 {path} did not train"
+    # Equal training elsewhere. Key biases are left out: softmax ignores a shift shared by
+    # all keys, so their gradient is exactly zero and what reaches Adam is rounding noise,
+    # which its normalisation blows up to lr-sized steps that differ between layouts.
+    unstacked = [jax.tree.map(lambda x, i=i: x[i], after) for i in range(2)]
+    looped_after = {**trained[False], "blocks": {f"layer_{i}": unstacked[i] for i in range(2)}}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(trained[False]), jax.tree.leaves(looped_after)):
+        if training.param_path(path).endswith("key/bias"):
+            continue
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6, err_msg=training.param_path(path))

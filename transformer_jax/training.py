@@ -20,6 +20,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 OBJECTIVES = ("clm", "mlm", "seq2seq", "classify")
@@ -138,12 +139,49 @@ def param_path(path: tuple) -> str:
 
 
 def param_labels(params: Any, freeze: str | None = None) -> Any:
-    """A tree like `params` with "frozen" where the path matches regex `freeze`, else "trainable"."""
+    """A tree like `params`: "frozen" where every element is frozen by regex `freeze` (see
+    `frozen_layers`), else "trainable" (including scanned stacks frozen only in part)."""
+    masks = frozen_layers(params, freeze)
+    return jax.tree.map(lambda m: "frozen" if np.all(m) else "trainable", masks)
+
+
+def frozen_layers(params: Any, freeze: str | None = None) -> Any:
+    """A tree like `params` of numpy bools: which parts of each leaf regex `freeze` freezes.
+
+    A leaf is frozen when `freeze` matches its path (`param_path`). A leaf of a scanned
+    layer stack (a path component "layers", leading axis = layer) gets one bool per layer,
+    shaped [num_layers, 1, ...] to broadcast against it: layer i is frozen when `freeze`
+    matches the stack's path or the path with "layers" spelled "layer_<i>", as in the
+    unscanned stack, so `blocks/layer_[0-5]/` freezes the same layers either way.
+    Other leaves get a scalar.
+    """
     pattern = _compile_freeze(freeze)
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if pattern and pattern.search(param_path(path)) else "trainable",
-        params,
-    )
+
+    def mask(path, leaf):
+        name = param_path(path)
+        whole = bool(pattern and pattern.search(name))
+        parts = name.split("/")
+        if pattern is None or "layers" not in parts or not leaf.shape:
+            return np.asarray(whole)
+        i = parts.index("layers")
+        layer_names = ("/".join([*parts[:i], f"layer_{n}", *parts[i + 1:]]) for n in range(leaf.shape[0]))
+        per_layer = [whole or bool(pattern.search(layer_name)) for layer_name in layer_names]
+        return np.asarray(per_layer).reshape((-1,) + (1,) * (len(leaf.shape) - 1))
+
+    return jax.tree_util.tree_map_with_path(mask, params)
+
+
+def _zero_frozen_layers(freeze: str) -> optax.GradientTransformation:
+    """Zeroes the updates of the layers `freeze` selects inside scanned stacks (whole frozen
+    leaves never reach this transformation: multi_transform routes them to set_to_zero)."""
+
+    def update_fn(updates, state, params=None):
+        del params
+        masks = frozen_layers(updates, freeze)
+        return jax.tree.map(lambda u, m: u if not m.any() else jnp.where(m, jnp.zeros_like(u), u),
+                            updates, masks), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def decay_mask(params: Any) -> Any:
@@ -185,7 +223,9 @@ def make_optimizer(
     """AdamW with decay masked off biases/norms/embeddings, global-norm clipping, and freezing.
 
     Parameters whose path matches regex `freeze` get zero updates and no optimizer
-    moments (optax.multi_transform); clipping sees only the trainable gradients.
+    moments (optax.multi_transform); clipping sees only the trainable gradients. Layers
+    of a scanned stack can be frozen one by one (see `frozen_layers`); they keep their
+    slice of the stack's optimizer moments, at zero.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay={weight_decay!r}: expected >= 0")
@@ -196,8 +236,12 @@ def make_optimizer(
     trainable = optax.chain(optax.clip_by_global_norm(grad_clip), adamw) if grad_clip else adamw
     if freeze is None:
         return trainable
+    # Frozen layers of a scanned stack share their leaves with trainable ones: zero their
+    # gradients before clipping (so the norm sees trainable values only) and their updates
+    # after AdamW (whose weight decay would move them).
+    layers_masked = optax.chain(_zero_frozen_layers(freeze), trainable, _zero_frozen_layers(freeze))
     return optax.multi_transform(
-        {"trainable": trainable, "frozen": optax.set_to_zero()},
+        {"trainable": layers_masked, "frozen": optax.set_to_zero()},
         lambda params: param_labels(params, freeze),
     )
 
