@@ -4,9 +4,10 @@ import json
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from transformer_jax import tokenizers as tokenizers_module
 from transformer_jax.tokenizers import (SPECIAL_TOKENS, BPETokenizer, ByteTokenizer,
                                         CharTokenizer, build_tokenizer, load_tokenizer)
 
@@ -88,6 +89,32 @@ def test_bpe_vocabulary_and_specials(bpe):
 @given(TEXT)
 def test_bpe_round_trips_any_text(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
+
+
+# Words, digits, punctuation, contractions and every kind of whitespace GPT-2's regex treats
+# specially, so that cut points land next to all of them.
+PIECES = st.lists(st.sampled_from(["the", "cat", "s", "42", "'s", "'ll", ".", ",(", " ", "  ", "\n", "\n\n",
+                                   "\t", "\r\n", "\u3000", "\x85", "\xa0", "\x1c", "é", "日本", "x\n    y", "    \n", "  \n", "def"]),
+                  min_size=1, max_size=60).map("".join)
+
+
+@pytest.fixture(scope="module")
+def code_bpe():
+    """BPE that has merged runs of whitespace and newlines (as BPE on source code does):
+    cutting a text next to such a run would change its tokens."""
+    return BPETokenizer.train("def f(x):\n    return x\n\n\n    \n  \n" * 200, vocab_size=400)
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(PIECES)
+@example("    \nx")  # a cut after this newline would change the tokens
+@example("x\n    y\n\ndef")
+def test_bpe_encoding_in_parallel_pieces_equals_encoding_whole(code_bpe, text):
+    whole = code_bpe._hf.encode(text, add_special_tokens=False).ids
+    with pytest.MonkeyPatch.context() as patch:  # (the monkeypatch fixture and @given don't mix)
+        patch.setattr(tokenizers_module, "PARALLEL_CHUNK_CHARS", 1)  # cut wherever allowed
+        assert "".join(code_bpe._pieces(text)) == text
+        assert code_bpe.encode(text).tolist() == whole
 
 
 def test_bpe_encodes_special_token_text_as_ordinary_text(bpe):

@@ -19,6 +19,7 @@ import abc
 import hashlib
 import json
 import os
+import re
 from typing import Sequence
 
 import numpy as np
@@ -26,6 +27,13 @@ import numpy as np
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
 TOKENIZER_FILE = "tokenizer.json"
 _OWN_FORMAT_KEY = "transformer_jax"
+# Long texts are BPE-encoded in pieces of about this many characters, in parallel
+# (tokenizers' encode_batch runs on all cores); see BPETokenizer.encode.
+PARALLEL_CHUNK_CHARS = 1 << 20
+# A newline between two non-space characters: GPT-2's byte-level pre-tokenizer regex
+# always makes that newline a pre-token of its own, so cutting right after it changes no
+# token (with whitespace beside it, a cut could change how a whitespace run is split).
+_SAFE_CUT = re.compile(r"\S\n(?=\S)")
 
 
 class Tokenizer(abc.ABC):
@@ -185,6 +193,12 @@ class BPETokenizer(Tokenizer):
             ids.append(found[0])
         self.pad_id, self.bos_id, self.eos_id, self.mask_id = ids
         hf_tokenizer.encode_special_tokens = True  # runtime flag, not stored in the file
+        # Cutting at _SAFE_CUT provably leaves the tokens unchanged only for byte-level
+        # pre-tokenisation with GPT-2's regex and no normaliser (what `train` builds).
+        state = json.loads(hf_tokenizer.to_str())
+        pre = state.get("pre_tokenizer") or {}
+        self._cuttable = (state.get("normalizer") is None and pre.get("type") == "ByteLevel"
+                          and pre.get("use_regex", True))
 
     @classmethod
     def train(cls, text: str, vocab_size: int) -> BPETokenizer:
@@ -227,8 +241,26 @@ class BPETokenizer(Tokenizer):
         return self._hf.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> np.ndarray:
+        """Token ids of `text`. Texts longer than PARALLEL_CHUNK_CHARS are cut at newlines
+        where byte-level BPE cannot merge across (`_SAFE_CUT`) and encoded on all cores; the
+        result equals encoding the whole text. Tokenizers with another pre-tokenizer
+        (loaded from elsewhere) are encoded in one piece."""
         _check_text(text)
-        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+        pieces = self._pieces(text) if self._cuttable else [text]
+        encodings = self._hf.encode_batch(pieces, add_special_tokens=False)
+        return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
+
+    @staticmethod
+    def _pieces(text: str) -> list[str]:
+        pieces, start = [], 0
+        while len(text) - start > PARALLEL_CHUNK_CHARS:
+            cut = _SAFE_CUT.search(text, start + PARALLEL_CHUNK_CHARS)
+            if cut is None:
+                break
+            pieces.append(text[start:cut.end()])
+            start = cut.end()
+        pieces.append(text[start:])
+        return pieces
 
     def _decode_ordinary(self, ids: np.ndarray) -> str:
         return self._hf.decode(ids.tolist(), skip_special_tokens=True)
