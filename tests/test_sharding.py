@@ -322,3 +322,19 @@ def test_checkpoint_from_8_devices_restores_on_1_and_4(one_device_run, tmp_path)
         assert jax.tree.all(jax.tree.map(lambda a, s: a.sharding.is_equivalent_to(s, a.ndim), restored, shardings))
         _, losses = worker.train(mesh, batches[2:], restored)
         np.testing.assert_allclose(losses, ref_losses[2:], rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["data=2,fsdp=2,tensor=2", "fsdp=4,tensor=2"])
+def test_sharded_train_step_never_replicates_a_whole_tensor(capfd, spec):
+    """XLA's partitioner warns on stderr (from C++, hence capfd) when it can only reshard an
+    array by replicating it in full; the embedding look-ups used to trigger it."""
+    mesh = sharding.make_mesh(spec)
+    shardings, _, step = worker.compiled(mesh)
+    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+                      for k, v in worker.batches(1)[0].items()}
+    abstract_state = jax.tree.map(lambda leaf, s: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=s),
+                                  jax.eval_shape(lambda: worker.init_state(unbox=True)), shardings)
+    capfd.readouterr()
+    with sharding.use_mesh(mesh):
+        step.lower(abstract_state, abstract_batch).compile()  # lower+compile: no jit cache involved
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err

@@ -31,7 +31,13 @@ class TokenEmbedding(nn.Module):
         )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, tokens, axis=0, mode="clip").astype(self.dtype)
+        # Under a mesh, gather the table's embed (fsdp) shards first, as FSDP does for every
+        # weight, and look up rows from the vocab (tensor) shards: the partitioner then
+        # gives the rows straight to their batch shards. Gathering from the table as stored
+        # makes it move the result from embed-split to batch-split, which it can only do by
+        # replicating it in full (XLA's "involuntary full rematerialization").
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        return jnp.take(table, tokens, axis=0, mode="clip").astype(self.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
         table = self.embedding.astype(h.dtype)

@@ -37,6 +37,7 @@ class LearnedPositions(nn.Module):
         table = self.param(
             "embedding", init.normal((None, "embed")), (self.max_len, self.features), jnp.float32
         )
+        table = nn.with_logical_constraint(table, (None, None))  # see TokenEmbedding.__call__
         return jnp.take(table, positions, axis=0, mode="clip").astype(self.dtype)
 
 
