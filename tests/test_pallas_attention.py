@@ -7,6 +7,7 @@ several tiles, partial tiles and skipped tiles all occur.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import hypothesis.strategies as st
 import jax
@@ -15,59 +16,15 @@ import numpy as np
 import pytest
 from hypothesis import example, given, settings
 
+import fused_reference
+from fused_reference import expected, make_inputs, reference_mask, reference_vjp
 from transformer_jax.attention import pallas_gpu
 from transformer_jax.attention.pallas_bwd import q_tile_ranges
 from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
 from transformer_jax.attention.pallas_tuning import STAGES, BlockSizes, default_block_sizes, stage_candidates
 
 TILES = BlockSizes(16, 16, 16, 16, 16, 16)
-
-
-# ----------------------------------------------------------------------------- reference
-def reference_mask(q_len, kv_len, *, causal, window, q_lens, kv_lens, q_ids, kv_ids):
-    """bool [b, Lq, Lk], True = attend, straight from the definition."""
-    i = np.arange(q_len)[:, None]
-    j = np.arange(kv_len)[None, :]
-    keep = np.ones((len(q_lens), q_len, kv_len), bool)
-    if causal:
-        keep &= j <= i
-    if window is not None:
-        keep &= (j >= i - window[0]) & (j <= i + window[1])
-    keep &= i[None] < np.asarray(q_lens)[:, None, None]
-    keep &= j[None] < np.asarray(kv_lens)[:, None, None]
-    if q_ids is not None:
-        keep &= np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :]
-    return keep
-
-
-def reference_vjp(q, k, v, d_out, keep, scale, cap):
-    """float64 output and (dq, dk, dv) of masked (soft-capped) softmax attention.
-
-    q [b, T, h, d], k/v [b, S, hk, d], keep [b, T, S]. Fully masked rows output 0.
-    The backward is the textbook chain rule: dV = P^T dO, dP = dO V^T,
-    dS = P (dP - rowsum(dO O)), through the cap's tanh, then dQ = scale dS K, dK = scale dS^T Q.
-    """
-    q, k, v, d_out = (np.asarray(x, np.float64) for x in (q, k, v, d_out))
-    group = q.shape[2] // k.shape[2]
-    k, v = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    x = np.einsum("bthd,bshd->bhts", q, k) * scale
-    t = np.tanh(x / cap) if cap else None
-    s = cap * t if cap else x
-    s = np.where(keep[:, None], s, -np.inf)
-    row_max = np.max(s, axis=-1, keepdims=True)
-    e = np.exp(s - np.where(np.isfinite(row_max), row_max, 0.0))
-    total = e.sum(-1, keepdims=True)
-    p = e / np.where(total == 0, 1.0, total)
-    out = np.einsum("bhts,bshd->bthd", p, v)
-    dv = np.einsum("bhts,bthd->bshd", p, d_out)
-    dp = np.einsum("bthd,bshd->bhts", d_out, v)
-    ds = p * (dp - np.einsum("bthd,bthd->bht", d_out, out)[..., None])
-    if cap:
-        ds = ds * (1.0 - t**2)
-    dq = np.einsum("bhts,bshd->bthd", ds, k) * scale
-    dk = np.einsum("bhts,bthd->bshd", ds, q) * scale
-    fold = lambda g: g.reshape(g.shape[0], g.shape[1], -1, group, g.shape[3]).sum(3)  # noqa: E731
-    return out, (dq, fold(dk), fold(dv))
+Case = functools.partial(fused_reference.Case, tiles=TILES)  # 16-wide tiles unless a case says otherwise
 
 
 def test_reference_gradient_matches_finite_differences():
@@ -88,21 +45,6 @@ def test_reference_gradient_matches_finite_differences():
 
 
 # ----------------------------------------------------------------------------- kernel vs reference
-@dataclasses.dataclass(frozen=True)
-class Case:
-    q_len: int
-    kv_len: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    causal: bool = False
-    window: tuple[int, int] | None = None
-    cap: float | None = None
-    lengths: bool = False
-    segments: bool = False
-    tiles: BlockSizes | tuple[int, int] | None = TILES
-
-
 CASES = {
     # causal self-attention, GQA, per-batch lengths, 37 = 2 tiles + 5
     "causal-gqa-lengths": Case(37, 37, 4, 2, 64, causal=True, lengths=True),
@@ -116,24 +58,6 @@ CASES = {
     # causal, tile-aligned, no lengths: unmasked tiles below the diagonal, masked on it
     "causal-aligned": Case(48, 48, 2, 1, 64, causal=True),
 }
-
-
-def make_inputs(case: Case, dtype, seed: int):
-    rng = np.random.default_rng(seed)
-    batch = 2
-    draw = lambda *shape: jnp.asarray(rng.standard_normal(shape), dtype)  # noqa: E731
-    q = draw(batch, case.q_len, case.heads, case.head_dim)
-    k = draw(batch, case.kv_len, case.kv_heads, case.head_dim)
-    v = draw(batch, case.kv_len, case.kv_heads, case.head_dim)
-    d_out = draw(batch, case.q_len, case.heads, case.head_dim)
-    q_lens = kv_lens = q_ids = kv_ids = None
-    if case.lengths:  # one full sequence, one short (its tail rows are fully masked)
-        q_lens = jnp.asarray([case.q_len, rng.integers(1, case.q_len)], jnp.int32)
-        kv_lens = jnp.asarray([rng.integers(1, case.kv_len), case.kv_len], jnp.int32)
-    if case.segments:  # packed (sorted) keys, shuffled queries with an id no key has
-        kv_ids = jnp.asarray(np.sort(rng.integers(0, 3, (batch, case.kv_len)), axis=1), jnp.int32)
-        q_ids = jnp.asarray(rng.integers(0, 4, (batch, case.q_len)), jnp.int32)
-    return (q, k, v, d_out), (q_lens, kv_lens, q_ids, kv_ids)
 
 
 def run_kernel(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
@@ -154,18 +78,6 @@ def run_kernel(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
         return out, pullback(d_out)
 
     return vjp(q, k, v, d_out)
-
-
-def expected(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
-    batch = q.shape[0]
-    keep = reference_mask(
-        case.q_len, case.kv_len, causal=case.causal, window=case.window,
-        q_lens=[case.q_len] * batch if q_lens is None else q_lens,
-        kv_lens=[case.kv_len] * batch if kv_lens is None else kv_lens,
-        q_ids=q_ids, kv_ids=kv_ids,
-    )
-    out, grads = reference_vjp(q, k, v, d_out, keep, case.head_dim**-0.5, case.cap)
-    return keep, out, grads
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

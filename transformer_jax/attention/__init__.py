@@ -113,7 +113,9 @@ def select_implementation(
     Auto rules (implementation=None), in order:
       1. On GPU: "cudnn" if jax.nn's cuDNN kernel accepts the call; else "pallas" if the
          Pallas kernel's `supports()` accepts it.
-      2. "reference" if q_len * kv_len <= dispatch.REFERENCE_MAX_SCORES (128 * 128:
+      2. On TPU: "pallas" (jax's splash-attention kernel) if it accepts the call and
+         q_len * kv_len > dispatch.REFERENCE_MAX_SCORES.
+      3. "reference" if q_len * kv_len <= dispatch.REFERENCE_MAX_SCORES (128 * 128:
          where blockwise stopped losing on CPU), else "blockwise".
     See `transformer_jax.attention.dispatch` for the measurements behind them.
     """

@@ -138,7 +138,7 @@ def _dropout(config: _Config, seed, qi, kj):
 
 def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
     bq, bk = config.block_q, config.block_k
-    num_q, num_k = q.shape[0] // bq, k.shape[0] // bk
+    num_q = q.shape[0] // bq
 
     def query_block(qi):
         q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq)
@@ -180,7 +180,7 @@ def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
 def _backward(config: _Config, residuals, d_out):
     q, k, v, bias, mask, seq, seed, out, lse = residuals
     bq, bk = config.block_q, config.block_k
-    num_q, num_k = q.shape[0] // bq, k.shape[0] // bk
+    num_k = k.shape[0] // bk
     # D_i = dO_i . O_i: the row term of the softmax Jacobian (FlashAttention-2, eq. for dS).
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
 

@@ -4,7 +4,11 @@ Auto rules (implementation=None), in order:
   1. On GPU: "cudnn" if jax.nn's cuDNN kernel accepts the call (it has no segment ids,
      soft-capping, dropout or precision; it checks dtype, head_dim and mask kind itself);
      else "pallas" if its `supports()` accepts it (no dense bias/mask, no dropout).
-  2. "reference" while one head's score matrix is small (q_len * kv_len <=
+  2. On TPU: "pallas" (jax's splash-attention kernel, see `pallas_tpu`) if it supports the
+     call and the score matrix is larger than REFERENCE_MAX_SCORES. Not measured (no
+     TPU was available); chosen because splash is the fused kernel TPU training stacks
+     use, where blockwise would be a sequential XLA loop.
+  3. "reference" while one head's score matrix is small (q_len * kv_len <=
      REFERENCE_MAX_SCORES = 128 * 128), else "blockwise". Measured with
      benchmarks/attention.py on the project's shared 2-core CPU (2026-11-22, float32,
      4 heads, d=64, noisy): at 128 the two are even (each won half the cases), from 256
@@ -37,11 +41,11 @@ class Selection(NamedTuple):
 
 def choose(ops: Operands, opts: Options, implementation: str | None) -> Selection:
     """Resolve `implementation` for these normalised arguments (see module docstring)."""
-    if isinstance(opts.block_sizes, BlockSizes) and implementation != "pallas":
+    if isinstance(opts.block_sizes, BlockSizes) and (implementation != "pallas" or jax.default_backend() == "tpu"):
         raise ValueError(
-            f"block_sizes={opts.block_sizes!r} is a Pallas tiling, taken only with "
-            f"implementation='pallas' (got implementation={implementation!r}); other "
-            f"implementations take an int or (block_q, block_k)"
+            f"block_sizes={opts.block_sizes!r} is a tiling of the Pallas GPU kernel, taken only "
+            f"with implementation='pallas' on a GPU (got implementation={implementation!r} on "
+            f"{jax.default_backend()!r}); other implementations take an int or (block_q, block_k)"
         )
     if implementation is not None:
         if implementation not in IMPLEMENTATIONS:
@@ -60,6 +64,11 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
             return Selection("pallas", f"GPU; cudnn unusable ({cudnn}), the Pallas kernel supports the call")
 
     scores = ops.query.shape[1] * ops.key.shape[1]
+    if jax.default_backend() == "tpu" and scores > REFERENCE_MAX_SCORES:
+        pallas = unsupported_reason(ops, opts, "pallas")
+        if pallas is None:
+            return Selection("pallas", f"TPU, score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}, "
+                                       f"and the splash kernel supports the call")
     if scores <= REFERENCE_MAX_SCORES:
         return Selection("reference", f"score matrix q_len*kv_len = {scores} <= {REFERENCE_MAX_SCORES}")
     return Selection("blockwise", f"score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}")
@@ -75,8 +84,10 @@ def unsupported_reason(ops: Operands, opts: Options, implementation: str) -> str
 
 
 def pallas_module():
-    """The optional Pallas GPU kernel module, imported on first use."""
-    return importlib.import_module("transformer_jax.attention.pallas_gpu")
+    """The fused Pallas kernel of this platform, imported on first use: jax's splash
+    attention on TPU (`pallas_tpu`), our Triton kernel elsewhere (`pallas_gpu`)."""
+    name = "pallas_tpu" if jax.default_backend() == "tpu" else "pallas_gpu"
+    return importlib.import_module(f"transformer_jax.attention.{name}")
 
 
 def _pallas_reason(ops: Operands, opts: Options) -> str | None:

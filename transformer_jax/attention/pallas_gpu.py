@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 
+from transformer_jax.attention import fused_inputs
 from transformer_jax.attention.pallas_bwd import backward
 from transformer_jax.attention.pallas_fwd import MaskSpec, forward
 from transformer_jax.attention.pallas_tuning import SUPPORTED_HEAD_DIMS, BlockSizes, default_block_sizes
@@ -61,22 +61,8 @@ def supports(query: jax.Array, key: jax.Array, value: jax.Array, *, bias, mask, 
 
 
 def _shape_problem(query, key, value) -> str | None:
-    """A sentence naming what is wrong with the q/k/v shapes and dtypes, or None."""
-    if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-        return (f"query, key, value must be [batch, seq, heads, head_dim], got shapes "
-                f"{query.shape}, {key.shape}, {value.shape}")
-    if key.shape != value.shape or query.shape[0] != key.shape[0] or query.shape[3] != key.shape[3]:
-        return (f"key and value must have equal shapes, and batch and head_dim equal to the "
-                f"query's: got query {query.shape}, key {key.shape}, value {value.shape}")
-    if query.shape[2] % key.shape[2]:
-        return (f"query heads ({query.shape[2]}) must be a multiple of key/value heads "
-                f"({key.shape[2]})")
-    if query.shape[3] not in SUPPORTED_HEAD_DIMS:
-        return f"the Pallas kernel supports head_dim in {SUPPORTED_HEAD_DIMS}, got {query.shape[3]}"
-    if not (query.dtype == key.dtype == value.dtype) or jnp.dtype(query.dtype) not in DTYPES:
-        return (f"query, key, value must share one dtype among bfloat16, float16, float32; got "
-                f"{query.dtype}, {key.dtype}, {value.dtype}")
-    return None
+    return fused_inputs.shape_problem(query, key, value, head_dims=SUPPORTED_HEAD_DIMS, dtypes=DTYPES,
+                                      kernel="Pallas kernel")
 
 
 def attention(
@@ -119,27 +105,12 @@ def attention(
         raise ValueError(problem)
     batch, q_len, _, head_dim = query.shape
     kv_len = key.shape[1]
-    if not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale={scale!r}: expected a Python float (it is baked into the kernel)")
-    if logits_soft_cap is not None and not (isinstance(logits_soft_cap, numbers.Real) and logits_soft_cap > 0):
-        raise ValueError(f"logits_soft_cap={logits_soft_cap!r}: expected None or a positive float")
-    if local_window_size is not None and not (
-        len(local_window_size) == 2 and all(isinstance(w, numbers.Integral) and w >= 0 for w in local_window_size)
-    ):
-        raise ValueError(f"local_window_size={local_window_size!r}: expected None or (left, right) ints >= 0")
-    q_lens = _lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
-    kv_lens = _lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
-    q_seg = kv_seg = None
-    if segment_ids is not None:
-        q_seg, kv_seg = segment_ids
-        for name, ids, length in (("query", q_seg, q_len), ("key/value", kv_seg, kv_len)):
-            if ids.shape != (batch, length) or not jnp.issubdtype(ids.dtype, jnp.integer):
-                raise ValueError(f"{name} segment ids: expected ints of shape {(batch, length)}, "
-                                 f"got {ids.dtype}{list(ids.shape)}")
+    fused_inputs.check_options(scale, logits_soft_cap, local_window_size)
+    q_lens = fused_inputs.lengths("query_seq_lengths", query_seq_lengths, batch, q_len)
+    kv_lens = fused_inputs.lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
+    q_seg, kv_seg = fused_inputs.check_segment_ids(segment_ids, batch, q_len, kv_len)
 
-    left, right = local_window_size if local_window_size is not None else (None, None)
-    if is_causal:
-        right = 0 if right is None else min(right, 0)
+    left, right = fused_inputs.band(is_causal, local_window_size)
     spec = MaskSpec(scale=float(scale), left=left, right=right,
                     soft_cap=None if logits_soft_cap is None else float(logits_soft_cap),
                     has_segments=segment_ids is not None)
@@ -149,9 +120,10 @@ def attention(
     # Pad both sequences to a multiple of every tile that walks them; the lengths mask the rest.
     q_pad = -q_len % max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
     kv_pad = -kv_len % max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
-    q, k, v = _pad_seq(query, q_pad), _pad_seq(key, kv_pad), _pad_seq(value, kv_pad)
+    pad = fused_inputs.pad_seq
+    q, k, v = pad(query, q_pad), pad(key, kv_pad), pad(value, kv_pad)
     if q_seg is not None:
-        q_seg, kv_seg = _pad_seq(q_seg.astype(jnp.int32), q_pad), _pad_seq(kv_seg.astype(jnp.int32), kv_pad)
+        q_seg, kv_seg = pad(q_seg.astype(jnp.int32), q_pad), pad(kv_seg.astype(jnp.int32), kv_pad)
     out = _flash(spec, blocks, interpret, q, k, v, q_lens, kv_lens, q_seg, kv_seg)
     return out[:, :q_len]
 
@@ -167,21 +139,6 @@ def _block_sizes(block_sizes, head_dim: int) -> BlockSizes:
         return dataclasses.replace(table, block_q=block_sizes[0], block_k=block_sizes[1])
     raise TypeError(f"block_sizes={block_sizes!r}: expected None, (block_q, block_k) or a "
                     f"pallas_tuning.BlockSizes")
-
-
-def _pad_seq(x: jax.Array, n: int) -> jax.Array:
-    """Appends n zero positions to axis 1 (the sequence axis)."""
-    return jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
-
-
-def _lengths(name: str, lengths, batch: int, full: int) -> jax.Array:
-    """[batch] int32 lengths clipped to [0, full]; `full` everywhere when None."""
-    if lengths is None:
-        return jnp.full((batch,), full, jnp.int32)
-    if jnp.shape(lengths) != (batch,) or not jnp.issubdtype(jnp.result_type(lengths), jnp.integer):
-        raise ValueError(f"{name}: expected ints of shape ({batch},), got {jnp.result_type(lengths)}"
-                         f"{list(jnp.shape(lengths))}")
-    return jnp.clip(jnp.asarray(lengths, jnp.int32), 0, full)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
