@@ -24,9 +24,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from transformer_jax.attention import dot_product_attention
+from transformer_jax.attention import dot_product_attention, select_implementation
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
+from transformer_jax.layers.per_shard import attend_per_shard
 from transformer_jax.layers.positional import apply_rotary
 
 
@@ -133,12 +134,20 @@ class MultiHeadAttention(nn.Module):
         dropout_rng = None
         if not deterministic and cfg.attention_dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
-        out = dot_product_attention(
-            q, k, v, mask=mask, is_causal=is_causal,
-            segment_ids=segment_ids if is_self else None,
-            implementation=cfg.attention_impl, dropout_rng=dropout_rng,
+        options = dict(
+            mask=mask, is_causal=is_causal, implementation=cfg.attention_impl, dropout_rng=dropout_rng,
             dropout_rate=cfg.attention_dropout_rate, deterministic=dropout_rng is None,
         )
+        segment_ids = segment_ids if is_self else None
+
+        def attend(q, k, v, segment_ids):
+            return dot_product_attention(q, k, v, segment_ids=segment_ids, **options)
+
+        selection = select_implementation(q, k, v, segment_ids=segment_ids, **options)
+        if selection.implementation == "pallas":  # an opaque kernel: split it by hand under a mesh
+            out = attend_per_shard(attend, q, k, v, segment_ids)
+        else:
+            out = attend(q, k, v, segment_ids)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", None))
         return Projection(
             "bthk,hkd->btd", (cfg.num_heads, cfg.head_dim, cfg.d_model), ("heads", "head_dim", "embed"),
