@@ -62,6 +62,14 @@ def test_cross_entropy_matches_float64_reference(eps):
                                  jnp.asarray(weights, jnp.float32), label_smoothing=eps)
     want = _np_cross_entropy(logits, targets, weights, eps)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+    # d loss / d logits = weight * (softmax - target distribution)
+    grad = jax.grad(lambda x: training.cross_entropy(x, jnp.asarray(targets), jnp.asarray(weights, jnp.float32),
+                                                     label_smoothing=eps)[0])(jnp.asarray(logits, jnp.float32))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    q = np.full(logits.shape, eps / 7)
+    np.put_along_axis(q, targets[..., None], 1 - eps + eps / 7, axis=-1)
+    np.testing.assert_allclose(grad, weights[..., None] * (probs - q), rtol=1e-4, atol=1e-6)
 
 
 def test_cross_entropy_rejects_bad_input():
