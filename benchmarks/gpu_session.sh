@@ -7,10 +7,13 @@
 #   attention128  the FlashAttention grid at d=128 (all implementations, causal and not)
 #   attention64   the same at d=64, then blockwise forward+backward at n=1,048,576 (1 head, d=64)
 #   tune          the Pallas tile search (benchmarks/tune_pallas.py) at d=128, then d=64
+#   blockwise     blockwise tile sizes at d=128, n=16k (causal and not): picks its GPU default
 #   train         gpt2-small throughput (auto, cudnn, pallas, blockwise attention), then the
 #                 Shakespeare convergence run (needs out/shakespeare.txt, see below)
 #   generate      gpt2-small generation with and without the KV cache at a 1k context
 #
+# A session has 30 device-minutes: run them in this order of what the open issues need
+# (attention128, train, generate, tune, attention64, blockwise) and leave the rest for the next.
 # RESULTS_DIR defaults to $OUT (the device tool's returned folder) or benchmarks/results.
 # The device has no network: write the corpus here first and carry it along, e.g.
 #   python -c "from transformer_jax import data; open('out/shakespeare.txt','w').write(data.load_text('shakespeare'))"
@@ -18,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-part="${1:?usage: gpu_session.sh attention128|attention64|tune|train|generate [RESULTS_DIR]}"
+part="${1:?usage: gpu_session.sh attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
 results="${2:-${OUT:-benchmarks/results}}/$part"
 mkdir -p "$results"
 exec > >(tee "$results/log.txt") 2>&1
@@ -37,6 +40,14 @@ case "$part" in
     ;;
   tune)
     python benchmarks/tune_pallas.py --head-dims 128 64 --budget-s 500 --out "$results"
+    ;;
+  blockwise)
+    for bq in 512 1024 2048; do
+      for bk in 512 1024 2048; do
+        python benchmarks/attention.py --seq-lens 16384 --head-dims 128 --implementations blockwise \
+          --blockwise-blocks "$bq" "$bk" --repeats 5 --out "$results/${bq}x${bk}"
+      done
+    done
     ;;
   train)
     for impl in auto cudnn pallas blockwise; do
