@@ -17,7 +17,8 @@ import pytest
 from hypothesis import example, given, settings
 
 import fused_reference
-from fused_reference import expected, make_inputs, reference_mask, reference_vjp
+from fused_reference import (assert_bfloat16_within_its_precision, assert_float32_matches, expected,
+                             make_inputs, reference_mask, reference_vjp)
 from transformer_jax.attention import pallas_gpu
 from transformer_jax.attention.pallas_bwd import q_tile_ranges
 from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
@@ -60,55 +61,15 @@ CASES = {
 }
 
 
-def run_kernel(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
-    """(out, (dq, dk, dv)) of the kernel in interpret mode, under one jit."""
-    scale = case.head_dim**-0.5
-
-    def attend(q, k, v):
-        return pallas_gpu.attention(
-            q, k, v, scale=scale, is_causal=case.causal, query_seq_lengths=q_lens,
-            key_value_seq_lengths=kv_lens, segment_ids=None if q_ids is None else (q_ids, kv_ids),
-            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=case.tiles,
-            interpret=True,
-        )
-
-    @jax.jit
-    def vjp(q, k, v, d_out):
-        out, pullback = jax.vjp(attend, q, k, v)
-        return out, pullback(d_out)
-
-    return vjp(q, k, v, d_out)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float32_output_and_gradients_match_float64_reference(name):
     case = CASES[name]
-    tensors, masking = make_inputs(case, jnp.float32, seed=len(name))
-    out, grads = run_kernel(case, *tensors, *masking)
-    keep, want_out, want_grads = expected(case, *tensors, *masking)
-
-    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
-    for label, got, want in zip("qkv", grads, want_grads):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d{label}")
-    empty_rows = ~keep.any(-1)  # [b, Lq]
-    if case.lengths or case.segments:
-        assert empty_rows.any(), "the case should contain fully masked rows"
-        assert np.all(np.asarray(out)[empty_rows] == 0.0)
-        assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
+    assert_float32_matches(pallas_gpu.attention, case, seed=len(name),
+                           expect_empty_rows=case.lengths or case.segments)
 
 
 def test_bfloat16_uses_float32_statistics():
-    """bf16 inputs, float64 reference on the same (rounded) inputs; error bound is bf16's."""
-    case = CASES["everything"]
-    tensors, masking = make_inputs(case, jnp.bfloat16, seed=7)
-    out, grads = run_kernel(case, *tensors, *masking)
-    _, want_out, want_grads = expected(case, *tensors, *masking)
-
-    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    for label, got, want in zip(["out", "dq", "dk", "dv"], (out, *grads), (want_out, *want_grads)):
-        error = np.max(np.abs(np.asarray(got, np.float64) - want))
-        # bf16 keeps 8 significant bits (2**-8 ~ 0.4%); allow a few roundings of the largest value.
-        assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
+    assert_bfloat16_within_its_precision(pallas_gpu.attention, CASES["everything"], seed=7)
 
 
 def test_vmap_over_an_extra_leading_axis():

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
-from fused_reference import Case, expected, make_inputs
+from fused_reference import Case, assert_bfloat16_within_its_precision, assert_float32_matches
 from transformer_jax.attention import dot_product_attention, pallas_tpu, select_implementation
 
 CASES = {
@@ -25,49 +24,15 @@ CASES = {
 }
 
 
-def run_kernel(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
-    """(out, (dq, dk, dv)) of the splash kernel in interpret mode, under one jit."""
-    def attend(q, k, v):
-        return pallas_tpu.attention(
-            q, k, v, scale=case.head_dim**-0.5, is_causal=case.causal, query_seq_lengths=q_lens,
-            key_value_seq_lengths=kv_lens, segment_ids=None if q_ids is None else (q_ids, kv_ids),
-            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=case.tiles, interpret=True,
-        )
-
-    @jax.jit
-    def vjp(q, k, v, d_out):
-        out, pullback = jax.vjp(attend, q, k, v)
-        return out, pullback(d_out)
-
-    return vjp(q, k, v, d_out)
-
-
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float32_output_and_gradients_match_float64_reference(name):
     case = CASES[name]
-    tensors, masking = make_inputs(case, jnp.float32, seed=len(name))
-    out, grads = run_kernel(case, *tensors, *masking)
-    keep, want_out, want_grads = expected(case, *tensors, *masking)
-
-    np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
-    for label, got, want in zip("qkv", grads, want_grads):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=f"d{label}")
-    empty_rows = ~keep.any(-1)  # [b, Lq]
-    if case.lengths or case.segments or name == "window-beyond-keys":
-        assert empty_rows.any(), "the case should contain fully masked rows"
-        assert np.all(np.asarray(out)[empty_rows] == 0.0)
-        assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
+    assert_float32_matches(pallas_tpu.attention, case, seed=len(name),
+                           expect_empty_rows=case.lengths or case.segments or name == "window-beyond-keys")
 
 
 def test_bfloat16_uses_float32_statistics():
-    case = CASES["everything"]
-    tensors, masking = make_inputs(case, jnp.bfloat16, seed=7)
-    out, grads = run_kernel(case, *tensors, *masking)
-    _, want_out, want_grads = expected(case, *tensors, *masking)
-    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
-    for label, got, want in zip(["out", "dq", "dk", "dv"], (out, *grads), (want_out, *want_grads)):
-        error = np.max(np.abs(np.asarray(got, np.float64) - want))
-        assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"
+    assert_bfloat16_within_its_precision(pallas_tpu.attention, CASES["everything"], seed=7)
 
 
 def test_kernel_lowers_for_tpu():
