@@ -98,3 +98,47 @@ def test_auto_on_a_tpu_picks_the_splash_kernel_where_it_applies(monkeypatch):
     bias = jnp.zeros((1, 2, 256, 256), jnp.bfloat16)
     assert select_implementation(long, long, long, bias).implementation == "blockwise"
     assert select_implementation(long, long, long, implementation="pallas").implementation == "pallas"
+
+
+def test_a_model_on_a_tpu_mesh_runs_splash_per_shard(monkeypatch):
+    """End to end, with the backend reported as TPU (the kernel then runs in interpret mode
+    on this CPU): auto picks splash for 256-token rows, the layer runs it per shard of a
+    data x fsdp x tensor mesh, and the model's loss and gradients equal a reference run."""
+    from transformer_jax import sharding, training
+    from transformer_jax.config import ModelConfig
+    from transformer_jax.models import DecoderLM
+
+    cfg = dict(vocab_size=32, max_len=256, d_model=128, num_heads=2, num_layers=2, d_ff=64,
+               dropout_rate=0.0, scan_layers=True)
+    batch = {"inputs": jax.random.randint(jax.random.key(1), (4, 256), 0, 32),
+             "targets": jax.random.randint(jax.random.key(2), (4, 256), 0, 32)}
+
+    params = DecoderLM(ModelConfig(**cfg)).init(jax.random.key(0), batch["inputs"][:1])["params"]
+
+    def loss_and_grads(attention_impl):
+        loss_fn = training.make_loss_fn(DecoderLM(ModelConfig(**cfg, attention_impl=attention_impl)), "clm")
+        return jax.jit(jax.value_and_grad(lambda p: loss_fn(p, batch)[0]))(params)
+
+    want_loss, want_grads = loss_and_grads("reference")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    calls = []
+    kernel = pallas_tpu.attention
+    monkeypatch.setattr(pallas_tpu, "attention", lambda q, *a, **kw: calls.append(q.shape) or kernel(q, *a, **kw))
+    q = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+    assert select_implementation(q, q, q, is_causal=True).implementation == "pallas"
+    with sharding.use_mesh(sharding.make_mesh("data=2,fsdp=2,tensor=2")):
+        got_loss, got_grads = loss_and_grads(None)
+    assert calls and set(calls) == {(1, 256, 1, 64)}  # the kernel saw one row and one head per device
+    assert abs(float(got_loss) - float(want_loss)) <= 1e-5 * abs(float(want_loss))
+    # Per leaf, relative to its largest entry: sums of many float32 terms, added in another
+    # order (online softmax, per-shard), differ by rounding that is relative to their size.
+    # Key biases are left out: softmax ignores a shift shared by all keys, so their exact
+    # gradient is 0 and both runs hold only rounding noise there.
+    largest = max(float(jnp.max(jnp.abs(w))) for w in jax.tree.leaves(want_grads))
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(got_grads), jax.tree.leaves(want_grads)):
+        name = jax.tree_util.keystr(path)
+        if "['key']['bias']" in name:  # noise in both runs, far below every real gradient
+            assert max(float(jnp.max(jnp.abs(got))), float(jnp.max(jnp.abs(want)))) <= 1e-6 * largest, name
+            continue
+        error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
+        assert error <= 1e-5, (name, error)

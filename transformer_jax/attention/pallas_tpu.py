@@ -83,7 +83,7 @@ def attention(
       block_sizes: (block_q, block_k), multiples of 128, used by the forward and both
         backward kernels; None: 512 (or the padded length, if shorter).
       segment_ids: ints above -2**31 + 1 (the two lowest values mark padding).
-      interpret: Pallas interpret mode; None means on any backend but TPU.
+      interpret: Pallas interpret mode; None means unless the default device is a TPU.
     Returns:
       [batch, q_len, heads, head_dim] in query's dtype; zeros on fully masked rows.
     """
@@ -99,7 +99,7 @@ def attention(
     kv_lens = fused_inputs.lengths("key_value_seq_lengths", key_value_seq_lengths, batch, kv_len)
     q_ids, kv_ids = fused_inputs.check_segment_ids(segment_ids, batch, q_len, kv_len)
     block_q, block_k = _blocks(block_sizes, q_len, kv_len)
-    interpret = jax.default_backend() != "tpu" if interpret is None else bool(interpret)
+    interpret = jax.devices()[0].platform != "tpu" if interpret is None else bool(interpret)
 
     q_total, kv_total = q_len + -q_len % block_q, kv_len + -kv_len % block_k
     q_ids = _ids_with_padding(q_ids, q_lens, batch, q_total, _PAD_Q_ID)
