@@ -16,9 +16,10 @@ How our semantics map onto splash attention (jax.experimental.pallas.ops.tpu.spl
   * any length: both sequences are padded to a block multiple; padding is masked by the
     sentinel ids;
   * rows with nothing to attend to: splash masks with a large finite negative value, so
-    such a row would average every value; their visibility is recomputed here block by
-    block from the same mask rules (O(q_len * kv_len) comparisons, no matmuls) and their
-    output set to 0, which also zeroes their gradient.
+    such a row would average every value. Which rows see a key is recomputed here (in
+    closed form from the band and the lengths; with segment ids block by block from the
+    same rules, O(q_len * kv_len) comparisons and no matmuls) and the others' output set
+    to 0, which also zeroes their gradient.
 """
 from __future__ import annotations
 
@@ -116,7 +117,10 @@ def attention(
     out = jax.vmap(lambda q, k, v, qi, ki: kernel(q, k, v, segment_ids=splash.SegmentIds(qi, ki)))(
         q, k, v, q_ids, kv_ids)
     out = out.transpose(0, 2, 1, 3)[:, :q_len]
-    visible = _rows_with_a_visible_key(q_ids, kv_ids, left, right, block_k)[:, :q_len]
+    if segment_ids is None:
+        visible = _rows_in_band(q_lens, kv_lens, q_len, left, right)
+    else:
+        visible = _rows_with_a_visible_key(q_ids, kv_ids, left, right, block_k)[:, :q_len]
     return jnp.where(visible[:, :, None, None], out, 0).astype(query.dtype)
 
 
@@ -167,6 +171,15 @@ def _kernel(heads, q_total, kv_total, left, right, block_q, block_k, soft_cap, i
             masks.MultiHeadMask([mask] * heads), block_sizes=blocks, head_shards=1, q_seq_shards=1,
             attn_logits_soft_cap=soft_cap, interpret=interpret,
         )
+
+
+def _rows_in_band(q_lens, kv_lens, q_len: int, left, right) -> jax.Array:
+    """bool [batch, q_len]: without segment ids, row i sees a key iff i < q_len[b] and the
+    band [i - left, i + right] meets [0, kv_len[b])."""
+    i = jnp.arange(q_len)[None, :]
+    lo = jnp.zeros_like(i) if left is None else jnp.maximum(i - left, 0)
+    hi = kv_lens[:, None] - 1 if right is None else jnp.minimum(kv_lens[:, None] - 1, i + right)
+    return (i < q_lens[:, None]) & (lo <= hi)
 
 
 def _rows_with_a_visible_key(q_ids, kv_ids, left, right, block_k: int) -> jax.Array:
