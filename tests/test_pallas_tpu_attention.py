@@ -6,6 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+pytest.importorskip("jax.experimental.pallas.ops.tpu.splash_attention",
+                    reason="this jax has no bundled splash kernel (pallas_tpu.supports says so too)")
+
 from fused_reference import Case, assert_bfloat16_within_its_precision, assert_float32_matches
 from transformer_jax.attention import dot_product_attention, pallas_tpu, select_implementation
 

@@ -55,7 +55,18 @@ def supports(query: jax.Array, key: jax.Array, value: jax.Array, *, bias, mask, 
     if jax.default_backend() != "tpu":
         return (f"the splash kernel needs a TPU; the default backend is {jax.default_backend()!r} "
                 f"(interpret mode there is for tests only)")
+    try:
+        _splash_modules()
+    except ImportError as e:  # jax may move its bundled kernels; then auto goes elsewhere
+        return f"jax {jax.__version__} does not provide the splash kernel here ({e})"
     return _shape_problem(query, key, value)
+
+
+def _splash_modules():
+    """(kernel module, mask module) of jax's bundled splash attention."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel, splash_attention_mask
+
+    return splash_attention_kernel, splash_attention_mask
 
 
 def _shape_problem(query, key, value) -> str | None:
@@ -88,8 +99,7 @@ def attention(
     Returns:
       [batch, q_len, heads, head_dim] in query's dtype; zeros on fully masked rows.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-
+    splash, _ = _splash_modules()
     problem = _shape_problem(query, key, value)
     if problem:
         raise ValueError(problem)
@@ -151,9 +161,7 @@ def _kernel(heads, q_total, kv_total, left, right, block_q, block_k, soft_cap, i
     Cached because building it processes the static mask block by block on the host.
     The kernel holds its mask tables as (concrete) arrays, so it is reusable across traces.
     """
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as masks
-
+    splash, masks = _splash_modules()
     shape = (q_total, kv_total)
     if left is None and right is None:
         mask = masks.FullMask(shape)
