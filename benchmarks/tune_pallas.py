@@ -120,6 +120,9 @@ def tune_head_dim(head_dim: int, args, deadline: float, log: list[dict], save) -
 
 def main() -> None:
     args = parse_args()
+    if jax.default_backend() != "gpu" and not args.interpret:
+        raise SystemExit(f"tune_pallas.py tunes the GPU kernel; the default backend is "
+                         f"{jax.default_backend()!r} (pass --interpret for a smoke run)")
     os.makedirs(args.out, exist_ok=True)
     deadline = time.monotonic() + args.budget_s
     meta = {
