@@ -4,6 +4,7 @@ from transformer_jax.layers.blocks import Block, BlockStack
 from transformer_jax.layers.embeddings import Embedder, LMHead, TokenEmbedding
 from transformer_jax.layers.feedforward import FeedForward
 from transformer_jax.layers.norms import make_norm
+from transformer_jax.layers.per_shard import attend_per_shard
 from transformer_jax.layers.positional import (
     LearnedPositions,
     apply_rotary,
@@ -23,6 +24,7 @@ __all__ = [
     "Projection",
     "TokenEmbedding",
     "apply_rotary",
+    "attend_per_shard",
     "make_norm",
     "padding_positions",
     "segment_positions",
