@@ -145,3 +145,14 @@ def test_a_model_on_a_tpu_mesh_runs_splash_per_shard(monkeypatch):
             continue
         error = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
         assert error <= 1e-5, (name, error)
+
+
+def test_default_blocks_are_lane_multiples_that_pad_little():
+    for n in range(1, 5000, 37):
+        block, _ = pallas_tpu._blocks(None, n, n)
+        least = -(-n // 128) * 128  # padded to 128-wide blocks
+        assert block % 128 == 0 and 128 <= block <= 512
+        assert -(-n // block) * block <= least * 9 // 8, n
+        if -(-n // 512) * 512 <= least * 9 // 8 and least >= 512:
+            assert block == 512, n
+    assert pallas_tpu._blocks((256, 128), 1000, 1000) == (256, 128)

@@ -93,7 +93,7 @@ def attention(
 
     Args: as `pallas_gpu.attention`, except
       block_sizes: (block_q, block_k), multiples of 128, used by the forward and both
-        backward kernels; None: 512 (or the padded length, if shorter).
+        backward kernels; None: up to 512 each, smaller where 512 would pad much more.
       segment_ids: ints above -2**31 + 1 (the two lowest values mark padding).
       interpret: Pallas interpret mode; None means unless the default device is a TPU.
     Returns:
@@ -138,8 +138,16 @@ def _blocks(block_sizes, q_len: int, kv_len: int) -> tuple[int, int]:
     def fit(block: int, length: int) -> int:  # no larger than the length rounded up to a lane multiple
         return min(block, length + -length % _LANES)
 
+    def default(length: int) -> int:
+        # Splash skips blocks by the static mask only, so padding costs as much as real
+        # tokens: take the largest lane-multiple block up to the default that pads the
+        # length no more than 1/8 beyond what 128-wide blocks would.
+        least = length + -length % _LANES
+        candidates = range(fit(_DEFAULT_BLOCK, length), 0, -_LANES)
+        return next(b for b in candidates if length + -length % b <= least + least // 8)
+
     if block_sizes is None:
-        return fit(_DEFAULT_BLOCK, q_len), fit(_DEFAULT_BLOCK, kv_len)
+        return default(q_len), default(kv_len)
     if not (isinstance(block_sizes, tuple) and len(block_sizes) == 2
             and all(isinstance(b, int) and b > 0 and b % _LANES == 0 for b in block_sizes)):
         raise ValueError(f"block_sizes={block_sizes!r}: the splash kernel takes (block_q, block_k), "
