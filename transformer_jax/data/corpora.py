@@ -72,7 +72,7 @@ def stdlib_text() -> str:
     paths = [os.path.join(root, name + ".py") for name in sorted(STDLIB_MODULES)]
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:  # stripped-down distributions: use what is there, but say so
-        warnings.warn(f"stdlib corpus: {len(missing)} module(s) not found, e.g. {missing[:3]}")
+        warnings.warn(f"stdlib corpus: {len(missing)} module(s) not found, e.g. {missing[:3]}", stacklevel=2)
     return _concatenate(_read_utf8(p) for p in paths if p not in missing)
 
 
