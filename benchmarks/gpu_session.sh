@@ -21,30 +21,31 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY="${PYTHON:-python3}"  # the GPU image has python3, not always python
 part="${1:?usage: gpu_session.sh attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
 results="${2:-${OUT:-benchmarks/results}}/$part"
 mkdir -p "$results"
 exec > >(tee "$results/log.txt") 2>&1
 date -u +"%Y-%m-%dT%H:%M:%SZ"
 nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
-python -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+"$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
 case "$part" in
   attention128)
-    python benchmarks/attention.py --grid flash --head-dims 128 --out "$results"
+    "$PY" benchmarks/attention.py --grid flash --head-dims 128 --out "$results"
     ;;
   attention64)
-    python benchmarks/attention.py --grid flash --head-dims 64 --out "$results"
-    python benchmarks/attention.py --seq-lens 1048576 --head-dims 64 --heads 1 --batch 1 \
+    "$PY" benchmarks/attention.py --grid flash --head-dims 64 --out "$results"
+    "$PY" benchmarks/attention.py --seq-lens 1048576 --head-dims 64 --heads 1 --batch 1 \
       --implementations blockwise --causal yes --repeats 2 --reference-max-gib 0 --out "$results/1m"
     ;;
   tune)
-    python benchmarks/tune_pallas.py --head-dims 128 64 --budget-s 500 --out "$results"
+    "$PY" benchmarks/tune_pallas.py --head-dims 128 64 --budget-s 500 --out "$results"
     ;;
   blockwise)
     for bq in 512 1024 2048; do
       for bk in 512 1024 2048; do
-        python benchmarks/attention.py --seq-lens 16384 --head-dims 128 --implementations blockwise \
+        "$PY" benchmarks/attention.py --seq-lens 16384 --head-dims 128 --implementations blockwise \
           --blockwise-blocks "$bq" "$bk" --repeats 5 --out "$results/${bq}x${bk}"
       done
     done
@@ -52,11 +53,11 @@ case "$part" in
   train)
     for impl in auto cudnn pallas blockwise; do
       flag=(); [ "$impl" != auto ] && flag=(--attention-impl "$impl")
-      timeout 150 python benchmarks/train_throughput.py --preset gpt2-small --batch-size 12 --seq-len 1024 \
+      timeout 150 "$PY" benchmarks/train_throughput.py --preset gpt2-small --batch-size 12 --seq-len 1024 \
         --dtype bfloat16 --steps 30 "${flag[@]}" --json "$results/throughput_$impl.json"
     done
     if [ -f out/shakespeare.txt ]; then
-      timeout 280 python benchmarks/train_throughput.py --convergence --data out/shakespeare.txt \
+      timeout 280 "$PY" benchmarks/train_throughput.py --convergence --data out/shakespeare.txt \
         --out-dir /tmp/convergence --json "$results/convergence.json"
       cp /tmp/convergence/metrics.jsonl "$results/convergence_metrics.jsonl" 2>/dev/null
     else
@@ -64,7 +65,7 @@ case "$part" in
     fi
     ;;
   generate)
-    python benchmarks/generate.py --preset gpt2-small --prompt-len 960 --new-tokens 64 --dtype bfloat16 \
+    "$PY" benchmarks/generate.py --preset gpt2-small --prompt-len 960 --new-tokens 64 --dtype bfloat16 \
       --batch-sizes 1 32 --json "$results/generate.json"
     ;;
   *)
