@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in parts that each fit one 10-minute device call.
+# Every GPU figure the issues ask for, in parts each sized (by estimate: not yet run on a GPU) for one 10-minute device call.
 #
 #   bash benchmarks/gpu_session.sh PART [RESULTS_DIR]
 #
