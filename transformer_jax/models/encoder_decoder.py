@@ -92,13 +92,8 @@ class EncoderDecoder(nn.Module):
                 f"encoded must be [batch={tgt.shape[0]}, src_len, d_model={cfg.d_model}] to match "
                 f"tgt {tuple(tgt.shape)}, got {tuple(encoded.shape)}"
             )
-        if src_padding_mask is not None and (
-            src_padding_mask.shape != encoded.shape[:2] or src_padding_mask.dtype != jnp.bool_
-        ):
-            raise ValueError(
-                f"src_padding_mask must be bool {tuple(encoded.shape[:2])}, "
-                f"got {src_padding_mask.dtype} {tuple(src_padding_mask.shape)}"
-            )
+        src_shape = jax.ShapeDtypeStruct(encoded.shape[:2], jnp.int32)  # the source tokens' shape
+        check_padding_mask(src_padding_mask, src_shape, "src_padding_mask")
         if not decode and decode_lengths is not None:
             raise ValueError("decode_lengths is only used with decode=True")  # checked by CachePosition
 
