@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.attention import fused_inputs
+from transformer_jax.attention import fused_inputs, masks
 
 SUPPORTED_HEAD_DIMS = (64, 128, 256)
 DTYPES = (jnp.bfloat16, jnp.float32)
@@ -130,7 +130,7 @@ def attention(
     if segment_ids is None:
         visible = _rows_in_band(q_lens, kv_lens, q_len, left, right)
     else:
-        visible = _rows_with_a_visible_key(q_ids, kv_ids, left, right, block_k)[:, :q_len]
+        visible = _rows_with_a_visible_key(q_ids, kv_ids, is_causal, local_window_size, block_k)[:, :q_len]
     return jnp.where(visible[:, :, None, None], out, 0).astype(query.dtype)
 
 
@@ -198,20 +198,19 @@ def _rows_in_band(q_lens, kv_lens, q_len: int, left, right) -> jax.Array:
     return (i < q_lens[:, None]) & (lo <= hi)
 
 
-def _rows_with_a_visible_key(q_ids, kv_ids, left, right, block_k: int) -> jax.Array:
-    """bool [batch, T]: query rows that see at least one key (band and equal ids), walking
-    the keys `block_k` at a time so no [T, S] array is built."""
-    q_pos = jnp.arange(q_ids.shape[1])[:, None]
+def _rows_with_a_visible_key(q_ids, kv_ids, is_causal: bool, window, block_k: int) -> jax.Array:
+    """bool [batch, T]: query rows that see at least one key under `masks.allowed` (the
+    padding is in the ids), walking the keys `block_k` at a time so no [T, S] array is built."""
+    q_pos = jnp.arange(q_ids.shape[1])
+
+    def row_blocks(q_row_ids, k_block_ids, k_pos):
+        seq = masks.SequenceInfo(q_ids=q_row_ids, kv_ids=k_block_ids)
+        return masks.allowed(q_pos, k_pos, seq, None, is_causal=is_causal, window=window).any(-1)
 
     def step(seen, start):
         k_ids = jax.lax.dynamic_slice_in_dim(kv_ids, start, block_k, axis=1)
-        k_pos = start + jnp.arange(block_k)[None, :]
-        ok = q_ids[:, :, None] == k_ids[:, None, :]
-        if left is not None:
-            ok &= (k_pos >= q_pos - left)[None]
-        if right is not None:
-            ok &= (k_pos <= q_pos + right)[None]
-        return seen | ok.any(-1), None
+        k_pos = start + jnp.arange(block_k)
+        return seen | jax.vmap(row_blocks, in_axes=(0, 0, None))(q_ids, k_ids, k_pos), None
 
     starts = jnp.arange(0, kv_ids.shape[1], block_k)
     seen, _ = jax.lax.scan(step, jnp.zeros(q_ids.shape, bool), starts)
