@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Every GPU figure the issues ask for, in parts each sized (by estimate: not yet run on a GPU) for one 10-minute device call.
+# Every GPU figure the issues ask for, in parts.
 #
 #   bash benchmarks/gpu_session.sh PART [RESULTS_DIR]
 #
+# A session is lent 15 device-minutes at most, start-up included: run `essentials` (one call,
+# at most 7 minutes) first; the other parts are for the rare session with time left.
 # PART:
+#   essentials    benchmarks/essentials.py: the Pallas kernel's tests compiled for the GPU, every
+#                 attention implementation at d=128 n=2k/8k/16k (causal and not, fwd and fwd+bwd),
+#                 gpt2-small training tokens/s and MFU, decoding with and without the KV cache at
+#                 a 1k context; one summary table and essentials.json
 #   attention128  the FlashAttention grid at d=128 (all implementations, causal and not)
 #   attention64   the same at d=64, then blockwise forward+backward at n=1,048,576 (1 head, d=64)
 #   tune          the Pallas tile search (benchmarks/tune_pallas.py) at d=128, then d=64
@@ -12,8 +18,7 @@
 #                 Shakespeare convergence run (needs out/shakespeare.txt, see below)
 #   generate      gpt2-small generation with and without the KV cache at a 1k context
 #
-# A session has 30 device-minutes: run them in this order of what the open issues need
-# (attention128, train, generate, tune, attention64, blockwise) and leave the rest for the next.
+# After essentials, in this order: tune, attention64, blockwise, train (with the convergence run).
 # RESULTS_DIR defaults to $OUT (the device tool's returned folder) or benchmarks/results.
 # The device has no network: write the corpus here first and carry it along, e.g.
 #   python -c "from transformer_jax import data; open('out/shakespeare.txt','w').write(data.load_text('shakespeare'))"
@@ -22,7 +27,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"  # the GPU image has python3, not always python
-part="${1:?usage: gpu_session.sh attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
+part="${1:?usage: gpu_session.sh essentials|attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
 results="${2:-${OUT:-benchmarks/results}}/$part"
 mkdir -p "$results"
 exec > >(tee "$results/log.txt") 2>&1
@@ -31,6 +36,9 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv 2>/dev/nul
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
 
 case "$part" in
+  essentials)
+    "$PY" benchmarks/essentials.py --out "$results"
+    ;;
   attention128)
     "$PY" benchmarks/attention.py --grid flash --head-dims 128 --out "$results"
     ;;

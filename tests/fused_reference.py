@@ -104,14 +104,14 @@ def expected(case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
     return keep, out, grads
 
 
-def run_kernel(attention, case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids):
+def run_kernel(attention, case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv_ids, interpret: bool = True):
     """(out, (dq, dk, dv)) of a fused kernel's `attention` (pallas_gpu's or pallas_tpu's
-    signature) in interpret mode, under one jit."""
+    signature), in interpret mode unless `interpret=False` (compiled: on the GPU), under one jit."""
     def attend(q, k, v):
         return attention(
             q, k, v, scale=case.head_dim**-0.5, is_causal=case.causal, query_seq_lengths=q_lens,
             key_value_seq_lengths=kv_lens, segment_ids=None if q_ids is None else (q_ids, kv_ids),
-            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=case.tiles, interpret=True,
+            local_window_size=case.window, logits_soft_cap=case.cap, block_sizes=case.tiles, interpret=interpret,
         )
 
     @jax.jit
@@ -122,11 +122,12 @@ def run_kernel(attention, case: Case, q, k, v, d_out, q_lens, kv_lens, q_ids, kv
     return vjp(q, k, v, d_out)
 
 
-def assert_float32_matches(attention, case: Case, seed: int, expect_empty_rows: bool) -> None:
+def assert_float32_matches(attention, case: Case, seed: int, expect_empty_rows: bool,
+                           interpret: bool = True) -> None:
     """Output and gradients within float32 rounding of the float64 reference; fully masked
     rows (which the case must contain if `expect_empty_rows`) exactly zero, as their dq."""
     tensors, masking = make_inputs(case, jnp.float32, seed=seed)
-    out, grads = run_kernel(attention, case, *tensors, *masking)
+    out, grads = run_kernel(attention, case, *tensors, *masking, interpret=interpret)
     keep, want_out, want_grads = expected(case, *tensors, *masking)
     np.testing.assert_allclose(out, want_out, rtol=1e-4, atol=1e-5)
     for label, got, want in zip("qkv", grads, want_grads):
@@ -138,13 +139,14 @@ def assert_float32_matches(attention, case: Case, seed: int, expect_empty_rows: 
         assert np.all(np.asarray(grads[0])[empty_rows] == 0.0)
 
 
-def assert_bfloat16_within_its_precision(attention, case: Case, seed: int) -> None:
-    """bf16 inputs against the float64 reference on the same (rounded) inputs: outputs and
-    gradients stay bf16 and within a few bf16 roundings (2**-8 ~ 0.4%) of the largest value."""
-    tensors, masking = make_inputs(case, jnp.bfloat16, seed=seed)
-    out, grads = run_kernel(attention, case, *tensors, *masking)
+def assert_bfloat16_within_its_precision(attention, case: Case, seed: int, interpret: bool = True,
+                                         dtype=jnp.bfloat16) -> None:
+    """bf16 (or fp16) inputs against the float64 reference on the same (rounded) inputs: outputs
+    and gradients keep the dtype and stay within a few bf16 roundings (2**-8 ~ 0.4%) of the largest value."""
+    tensors, masking = make_inputs(case, dtype, seed=seed)
+    out, grads = run_kernel(attention, case, *tensors, *masking, interpret=interpret)
     _, want_out, want_grads = expected(case, *tensors, *masking)
-    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
     for label, got, want in zip(["out", "dq", "dk", "dv"], (out, *grads), (want_out, *want_grads)):
         error = np.max(np.abs(np.asarray(got, np.float64) - want))
         assert error <= 2e-2 * np.max(np.abs(want)), f"{label}: max error {error}"

@@ -66,3 +66,20 @@ def test_train_throughput_benchmark_reports_a_finite_loss(tmp_path):
     assert result["tokens_per_sec"] > 0 and result["median_step_ms"] > 0
     # random tokens over the tiny preset's 61 symbols: the loss starts near ln(61)
     assert math.isfinite(result["final_loss"]) and result["final_loss"] < 2 * math.log(61)
+
+
+def test_gpu_essentials_smoke_run_fills_every_part_of_the_summary(tmp_path):
+    """benchmarks/essentials.py --smoke: the one-call GPU script, on tiny CPU shapes."""
+    log = _run(tmp_path, "benchmarks/essentials.py", "--smoke", "--out", str(tmp_path / "essentials"))
+    with open(tmp_path / "essentials" / "essentials.json") as f:
+        report = json.load(f)
+    assert {part: r["status"] for part, r in report["parts"].items()} == {
+        part: "ok" for part in ("kernels", "attention16k", "attention8k", "attention2k", "train", "generate")}
+    results = report["results"]
+    assert results["kernels"]["tests"] > 0 and results["kernels"]["failures"] == 0
+    for part in ("attention16k", "attention8k", "attention2k"):
+        assert [r["status"] for r in results[part]["rows"]] == ["ok"] * 8, part  # 4 implementations x causal
+    assert results["train"]["tokens_per_sec"] > 0
+    assert all(r["tokens_agree"] == 1.0 for r in results["generate"]["results"])
+    for line in ("Pallas kernel tests:", "Attention TFLOP/s", "Training tiny", "Decoding tiny"):
+        assert line in report["summary"] and line in log

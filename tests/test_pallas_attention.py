@@ -1,5 +1,8 @@
 """The Pallas flash-attention kernel, run in interpret mode on CPU, against float64 NumPy.
 
+With TRANSFORMER_JAX_TEST_PLATFORM=cuda (benchmarks/essentials.py) the same cases run compiled
+by Triton on the GPU, in bfloat16 and float16 (float32 dots run in TF32 there).
+
 Every case checks the output and the gradients w.r.t. q, k and v (one jitted vjp per
 case, so each case costs one compilation). Shapes are tiny and tiles 16 wide so that
 several tiles, partial tiles and skipped tiles all occur.
@@ -25,6 +28,9 @@ from transformer_jax.attention.pallas_fwd import MaskSpec, kv_tile_ranges
 from transformer_jax.attention.pallas_tuning import STAGES, BlockSizes, default_block_sizes, stage_candidates
 
 TILES = BlockSizes(16, 16, 16, 16, 16, 16)
+ON_GPU = jax.default_backend() == "gpu"
+needs_gpu = pytest.mark.skipif(not ON_GPU, reason="compiled kernels need a GPU (TRANSFORMER_JAX_TEST_PLATFORM=cuda)")
+cpu_only = pytest.mark.skipif(ON_GPU, reason="float32 interpret-mode check; the GPU runs the compiled cases")
 Case = functools.partial(fused_reference.Case, tiles=TILES)  # 16-wide tiles unless a case says otherwise
 
 
@@ -61,6 +67,7 @@ CASES = {
 }
 
 
+@cpu_only
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_float32_output_and_gradients_match_float64_reference(name):
     case = CASES[name]
@@ -69,9 +76,18 @@ def test_float32_output_and_gradients_match_float64_reference(name):
 
 
 def test_bfloat16_uses_float32_statistics():
-    assert_bfloat16_within_its_precision(pallas_gpu.attention, CASES["everything"], seed=7)
+    assert_bfloat16_within_its_precision(pallas_gpu.attention, CASES["everything"], seed=7, interpret=not ON_GPU)
 
 
+@needs_gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_compiled_kernels_match_float64_reference_on_gpu(name, dtype):
+    assert_bfloat16_within_its_precision(pallas_gpu.attention, CASES[name], seed=len(name), interpret=False,
+                                         dtype=dtype)
+
+
+@cpu_only
 def test_vmap_over_an_extra_leading_axis():
     """jax.vmap adds a grid axis to the kernels; each slice must still match the reference."""
     case = CASES["causal-gqa-lengths"]
