@@ -191,7 +191,11 @@ def test_supports_explains_why_not():
     assert "bias" in pallas_gpu.supports(*_qkv(), **{**no_extras, "bias": jnp.zeros((8, 8))})
     assert "mask" in pallas_gpu.supports(*_qkv(), **{**no_extras, "mask": jnp.ones((8, 8), bool)})
     assert "dropout" in pallas_gpu.supports(*_qkv(), **{**no_extras, "dropout_rate": 0.1})
-    assert "GPU" in pallas_gpu.supports(*_qkv(), **no_extras)  # this test runs on CPU
+    if ON_GPU:  # a supported call on a GPU, in float32 (TF32 dots) only by explicit request
+        assert pallas_gpu.supports(*_qkv(dtype=jnp.bfloat16), **no_extras) is None
+        assert "bfloat16" in pallas_gpu.supports(*_qkv(dtype=jnp.float32), **no_extras)
+    else:
+        assert "GPU" in pallas_gpu.supports(*_qkv(), **no_extras)
 
 
 def _attend(q, k, v, **overrides):
