@@ -1,0 +1,229 @@
+"""A training step of ours against nanoGPT's (PyTorch eager), side by side on one CPU core.
+
+    python benchmarks/compare_nanogpt.py --nanogpt PATH/TO/nanoGPT [--config small|char-small]
+        [--text FILE] [--steps 300] [--timed-steps 30] [--core 1]
+
+nanoGPT is not vendored: pass the folder of a checkout of karpathy/nanoGPT (its model.py is
+imported from there). Needs torch beside jax in this Python (a benchmark peer, never a test one).
+
+Both sides get the same character-level text (90% train, 10% validation), the same model
+(GPT-2 layout: learned positions, pre-LayerNorm, tied read-out, biases, no dropout), the same
+AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1, clip 1.0, constant lr after 10 linear warmup
+steps) and float32. Two differences are each library's own habit, kept: nanoGPT's GELU is the exact
+erf form (ours the tanh form) and it decays the embeddings too (ours: matrices only). Each side runs in its own child process pinned to the
+same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
+--timed-steps steps after warm-up (ours excludes compilation), measured with the process's
+CPU clock. Both then train to --steps and report the validation loss on the same 20 fixed
+validation windows. Prints both rows and the ratio; writes JSON with --json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+CONFIGS = {
+    # the issue's configuration, and nanoGPT's shakespeare-char model (char-small)
+    "small": dict(n_layer=4, n_head=4, n_embd=128, block_size=128, batch_size=32),
+    "char-small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64),
+}
+LR, WARMUP, WEIGHT_DECAY, BETAS, CLIP = 1e-3, 10, 0.1, (0.9, 0.95), 1.0
+EVAL_WINDOWS = 20
+
+
+def load_data(path: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """Character ids of the text (sorted alphabet), split 90/10."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    alphabet = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(alphabet)}
+    ids = np.fromiter((lookup[c] for c in text), dtype=np.int32, count=len(text))
+    split = int(0.9 * len(ids))
+    return ids[:split], ids[split:], len(alphabet)
+
+
+def windows(data: np.ndarray, starts: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    idx = starts[:, None] + np.arange(block + 1)
+    chunk = data[idx]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def batch_starts(rng: np.random.Generator, data: np.ndarray, cfg: dict) -> np.ndarray:
+    return rng.integers(0, len(data) - cfg["block_size"] - 1, size=cfg["batch_size"])
+
+
+def eval_starts(val: np.ndarray, cfg: dict) -> np.ndarray:
+    return np.random.default_rng(1234).integers(0, len(val) - cfg["block_size"] - 1,
+                                                size=(EVAL_WINDOWS, cfg["batch_size"]))
+
+
+def lr_at(step: int) -> float:
+    return LR * min(1.0, (step + 1) / WARMUP)
+
+
+# ----------------------------------------------------------------------------- our side
+def run_ours(args, cfg: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from transformer_jax import config as config_lib
+    from transformer_jax import models, training
+
+    train, val, vocab = load_data(args.text)
+    model_cfg = config_lib.ModelConfig(
+        vocab_size=vocab, max_len=cfg["block_size"], d_model=cfg["n_embd"], num_heads=cfg["n_head"],
+        num_layers=cfg["n_layer"], d_ff=4 * cfg["n_embd"], activation="gelu", norm="layernorm",
+        norm_position="pre", pos_encoding="learned", dtype="float32",
+        attention_impl=args.attention_impl)
+    model = models.DecoderLM(model_cfg)
+    schedule = optax.linear_schedule(LR / WARMUP, LR, WARMUP - 1)
+    tx = training.make_optimizer(schedule, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, b1=BETAS[0], b2=BETAS[1])
+    state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)
+    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0)
+    loss_fn = jax.jit(training.make_loss_fn(model, "clm"))
+    rng = np.random.default_rng(0)
+
+    def one_step(state):
+        x, y = windows(train, batch_starts(rng, train, cfg), cfg["block_size"])
+        state, metrics = step(state, {"inputs": x, "targets": y})
+        jax.block_until_ready(metrics)
+        return state, metrics
+
+    def evaluate(params) -> float:
+        sums = [loss_fn(params, dict(zip(("inputs", "targets"), windows(val, s, cfg["block_size"]))))
+                for s in eval_starts(val, cfg)]
+        return float(sum(total for total, _ in sums) / sum(weight for _, weight in sums))
+
+    return run_loop(args, one_step, state, lambda s: evaluate(s.params))
+
+
+# ----------------------------------------------------------------------------- nanoGPT's side
+def run_nanogpt(args, cfg: dict) -> dict:
+    import torch
+
+    sys.path.insert(0, os.path.abspath(args.nanogpt))
+    from model import GPT, GPTConfig  # nanoGPT's model.py
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    train, val, vocab = load_data(args.text)
+    model = GPT(GPTConfig(block_size=cfg["block_size"], vocab_size=vocab, n_layer=cfg["n_layer"],
+                          n_head=cfg["n_head"], n_embd=cfg["n_embd"], dropout=0.0, bias=True))
+    optimizer = model.configure_optimizers(WEIGHT_DECAY, LR, BETAS, "cpu")
+    rng = np.random.default_rng(0)
+
+    def one_step(step_index):
+        x, y = windows(train, batch_starts(rng, train, cfg), cfg["block_size"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step_index)
+        _, loss = model(torch.from_numpy(x).long(), torch.from_numpy(y).long())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return step_index + 1, {"loss": loss.item()}
+
+    @torch.no_grad()
+    def evaluate(_) -> float:
+        model.eval()
+        losses = []
+        for s in eval_starts(val, cfg):
+            x, y = windows(val, s, cfg["block_size"])
+            losses.append(float(model(torch.from_numpy(x).long(), torch.from_numpy(y).long())[1]))
+        model.train()
+        return float(np.mean(losses))
+
+    return run_loop(args, one_step, 0, evaluate)
+
+
+def run_loop(args, one_step, state, evaluate) -> dict:
+    """Warm-up, --timed-steps steps timed one by one (CPU clock), then on to --steps; evaluate."""
+    wall = time.perf_counter()
+    state, _ = one_step(state)  # ours: compiles here
+    first_step_s = time.perf_counter() - wall
+    for _ in range(2):
+        state, _ = one_step(state)
+    cpu_times = []
+    for _ in range(args.timed_steps):
+        start = time.process_time()
+        state, metrics = one_step(state)
+        cpu_times.append(time.process_time() - start)
+    for _ in range(args.steps - 3 - args.timed_steps):
+        state, metrics = one_step(state)
+    return {"cpu_s_per_step": statistics.median(cpu_times), "first_step_s": round(first_step_s, 2),
+            "train_loss": float(metrics["loss"]), "val_loss": evaluate(state), "steps": args.steps}
+
+
+# ----------------------------------------------------------------------------- parent
+def child(args, side: str) -> dict:
+    """Runs one side pinned to --core with one thread; returns its JSON result."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+           "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--result", result.name]
+        pin = ["taskset", "-c", str(args.core)] if args.core is not None else []
+        subprocess.run(pin + argv, env=env, check=True)
+        with open(result.name) as f:
+            return json.load(f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nanogpt", required=True, help="folder of a karpathy/nanoGPT checkout (holds model.py)")
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    parser.add_argument("--text", help="training text (default: the package's stdlib corpus, as train.py uses)")
+    parser.add_argument("--steps", type=int, default=300, help="steps before the validation loss")
+    parser.add_argument("--timed-steps", type=int, default=30)
+    parser.add_argument("--core", type=int, default=1, help="CPU core both sides are pinned to (-1: none)")
+    parser.add_argument("--attention-impl", default=None, help="ours: attention implementation (default auto)")
+    parser.add_argument("--json", help="write the result here")
+    parser.add_argument("--side", choices=["ours", "nanogpt"], help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.core is not None and args.core < 0:
+        args.core = None
+    if not os.path.isfile(os.path.join(args.nanogpt, "model.py")):
+        parser.error(f"--nanogpt={args.nanogpt!r} holds no model.py (expected a nanoGPT checkout)")
+    if args.steps < args.timed_steps + 3:
+        parser.error(f"--steps={args.steps} must be at least --timed-steps + 3 = {args.timed_steps + 3}")
+    cfg = CONFIGS[args.config]
+    if args.side:
+        result = (run_ours if args.side == "ours" else run_nanogpt)(args, cfg)
+        with open(args.result, "w") as f:
+            json.dump(result, f)
+        return
+    if args.text is None:
+        from transformer_jax import data
+
+        args.text = os.path.join(tempfile.mkdtemp(), "corpus.txt")
+        with open(args.text, "w", encoding="utf-8") as f:
+            f.write(data.load_text("stdlib"))
+        sys.argv += ["--text", args.text]
+    rows = {side: child(args, side) for side in ("nanogpt", "ours")}
+    ratio = rows["ours"]["cpu_s_per_step"] / rows["nanogpt"]["cpu_s_per_step"]
+    print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}")
+    for side, r in rows.items():
+        print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step   val loss {r['val_loss']:.4f}   "
+              f"first step {r['first_step_s']} s")
+    print(f"ours / nanoGPT CPU seconds per step: {ratio:.2f}x; val loss difference "
+          f"{rows['ours']['val_loss'] - rows['nanogpt']['val_loss']:+.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": args.config, "model": cfg, "rows": rows, "ratio": ratio,
+                       "date": time.strftime("%Y-%m-%d")}, f, indent=1)
+    if not all(math.isfinite(r["val_loss"]) for r in rows.values()):
+        sys.exit("a validation loss is not finite")
+
+
+if __name__ == "__main__":
+    main()
