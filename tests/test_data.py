@@ -117,9 +117,36 @@ def test_prepare_tokens_splits_and_caches(tmp_path):
     assert CountingCharTokenizer.calls == 1  # the second call read the cache
     np.testing.assert_array_equal(again.train, ids[:750])
     prepare_tokens(text[:-1], tok, tmp_path)  # other text: another cache file
-    assert CountingCharTokenizer.calls == 2 and len(os.listdir(tmp_path)) == 2
+    assert CountingCharTokenizer.calls == 2
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".bin")]) == 2
     whole = prepare_tokens(text, tok, tmp_path, val_fraction=0.0)
     assert len(whole.train) == 1000 and len(whole.val) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_record"])
+def test_damaged_token_cache_is_rebuilt_with_a_warning_never_trained_on(tmp_path, damage):
+    rng = np.random.default_rng(fresh_seed())
+    text = "".join(rng.choice(list("abcdefgh \n"), size=1000))
+    tok = CountingCharTokenizer.train(text)
+    prepare_tokens(text, tok, tmp_path)
+    (cache,) = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith(".bin")]
+    if damage == "truncate":  # what a full disk or a killed copy leaves
+        os.truncate(cache, os.path.getsize(cache) // 2)
+    elif damage == "flip":
+        data = bytearray(cache.read_bytes())
+        data[int(rng.integers(len(data)))] ^= 0x01
+        cache.write_bytes(bytes(data))
+    else:  # a cache from before the record existed: cannot be checked
+        os.unlink(str(cache)[:-len(".bin")] + ".json")
+    CountingCharTokenizer.calls = 0
+    with pytest.warns(UserWarning, match=f"token cache {cache} .*rebuilding it"):
+        splits = prepare_tokens(text, tok, tmp_path)
+    assert CountingCharTokenizer.calls == 1
+    ids = CharTokenizer.train(text).encode(text)
+    np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache is trusted again
+        prepare_tokens(text, tok, tmp_path)
 
 
 def test_prepare_tokens_uses_uint32_for_large_vocabularies(tmp_path):
