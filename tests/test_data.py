@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from transformer_jax.data import (STDLIB_MODULES, TokenSplits, encode_labelled, encode_pairs,
+from transformer_jax.data import (STDLIB_MODULES, TokenSplits, check_pairs, encode_labelled,
+                                  encode_pairs,
                                   get_batch, get_mlm_batch, load_text, make_classify_batch,
                                   make_seq2seq_batch, make_shuffle_batch, mask_tokens,
                                   prepare_tokens, read_tsv,
@@ -311,6 +312,23 @@ def test_get_mlm_batch_masks_the_clm_windows():
 
 
 # ---------------------------------------------------------------- seq2seq
+
+def test_check_pairs_names_rows_that_do_not_fit_before_training():
+    rng = np.random.default_rng(fresh_seed())
+    lengths = rng.integers(1, 9, size=(30, 2))  # every source in [1, 8], target in [1, 8] tokens
+    pairs = [(np.ones(s, np.int32), np.ones(t, np.int32)) for s, t in lengths]
+    check_pairs(pairs, max_src_len=8, max_tgt_len=9, source="ok.tsv")  # eos fits: no error
+    bad = dict(enumerate(pairs, start=1))
+    rows = sorted(rng.choice(np.arange(1, 31), size=3, replace=False).tolist())
+    bad[rows[0]] = (np.ones(9, np.int32), pairs[rows[0] - 1][1])  # source too long
+    bad[rows[1]] = (np.zeros(0, np.int32), pairs[rows[1] - 1][1])  # empty source
+    bad[rows[2]] = (pairs[rows[2] - 1][0], np.ones(9, np.int32))  # target + eos too long
+    expected = {rows[0]: f"row {rows[0]}: source of 9 tokens > 8", rows[1]: f"row {rows[1]}: empty source",
+                rows[2]: f"row {rows[2]}: target of 9 tokens \\+ eos > 9"}
+    with pytest.raises(ValueError, match="pairs.tsv: 3 problem\\(s\\) in 30 pairs \\("
+                       + "; ".join(expected[r] for r in rows)):
+        check_pairs([bad[i] for i in range(1, 31)], max_src_len=8, max_tgt_len=9, source="pairs.tsv")
+
 
 def test_reverse_pairs():
     pairs = reverse_pairs(50, seed=fresh_seed(), min_len=2, max_len=5, alphabet="xyz")
