@@ -11,8 +11,9 @@ import time
 
 import jax
 import numpy as np
+import pytest
 
-from processes import REPO, cpu_env
+from processes import REPO, cpu_env, free_port
 from transformer_jax import checkpoint
 
 # The state saved as step s is a pure function of s, so any restored step can be checked
@@ -70,3 +71,30 @@ def test_kill_9_during_saves_in_a_loop_leaves_a_bit_identical_checkpoint(tmp_pat
     for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert not [n for n in os.listdir(directory) if ".corrupt-" in n]  # a killed save damages nothing
+
+
+# ------------------------------------------------------------------ a peer that never starts
+
+JOIN = """
+import sys
+from transformer_jax import sharding
+sharding.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=float(sys.argv[3]))
+print("joined")
+"""
+
+
+@pytest.mark.parametrize("process_id", [0, 1])  # the coordinator alone; a peer with no coordinator
+def test_a_peer_that_never_starts_is_one_line_after_the_timeout(process_id):
+    address = f"localhost:{free_port()}"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", JOIN, address, str(process_id), "4"],
+                            env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1 and "joined" not in result.stdout, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (f"initialize_distributed: process {process_id} of 2 could not join the run at "
+                         f"the coordinator {address} within 4 s (timeout_s, the --distributed-timeout "
+                         f"flag): check that every process was started, with the same coordinator "
+                         f"address and process count, and that the address is reachable")
+    assert not [line for line in lines if "Check failure" in line or "Traceback" in line], result.stderr
+    assert 4 <= elapsed < 60
