@@ -224,7 +224,8 @@ class Checkpointer:
             try:
                 return self._restore_step(target, s)
             except CorruptCheckpointError as e:
-                warnings.warn(f"{e}; setting it aside and falling back to an older one", stacklevel=2)
+                warnings.warn(f"{e}; setting this unreadable checkpoint aside, falling back to an "
+                              "older one", stacklevel=2)
                 self._quarantine(s)
         aside = self.set_aside()
         if steps or aside:
