@@ -99,7 +99,8 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     """
     out_dir = os.fspath(out_dir)
     if resume and overwrite:
-        raise RunDirError("resume=True and overwrite=True contradict each other: pass one")
+        raise RunDirError("resume (--resume) and overwrite (--overwrite) contradict each other: "
+                          "pass one")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise RunDirError(f"out_dir {out_dir!r} exists and is not a directory")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
@@ -125,14 +126,14 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
             raise RunDirError(
                 f"out_dir {out_dir!r} holds checkpoints but no {CONFIG_FILE}: the run cannot be "
                 f"resumed without it. Restore {config_path} (e.g. from a backup), or pass "
-                f"overwrite to discard the run")
+                f"overwrite (--overwrite) to discard the run")
         return RunDirStatus(resume=True, config=read_json(config_path, "the run's config"))
     if entries and entries != [LOCK_FILE]:  # leftovers of ours, from a run that never wrote its config
         raise RunDirError(
             f"out_dir {out_dir!r} holds run files {entries[:4]} but no {CONFIG_FILE} and no "
-            f"checkpoint: pass overwrite to remove them, or choose another directory")
+            f"checkpoint: pass overwrite (--overwrite) to remove them, or choose another directory")
     if resume:
-        raise RunDirError(f"resume: {out_dir!r} holds no run to resume")
+        raise RunDirError(f"resume (--resume): {out_dir!r} holds no run to resume")
     if not dry_run:
         os.makedirs(out_dir, exist_ok=True)
     return RunDirStatus(resume=False)
@@ -319,7 +320,7 @@ def _check_not_locked(out_dir: str) -> None:
     holder = lock_holder(out_dir)
     me = _this_process()
     if holder is not None and (holder.get("pid"), holder.get("hostname")) != (me["pid"], me["hostname"]):
-        raise RunLockedError(f"overwrite: {out_dir!r} is in use by {_describe(holder)}; "
+        raise RunLockedError(f"overwrite (--overwrite): {out_dir!r} is in use by {_describe(holder)}; "
                              f"nothing was removed")
 
 
