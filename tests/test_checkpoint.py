@@ -345,12 +345,15 @@ def test_disk_full_is_one_line_naming_the_path(tmp_path):
 
 DISK_FULL_CHILD = """
 import sys
-import flax.linen as nn
+import jax
 import jax.numpy as jnp
-from transformer_jax import checkpoint, training
+from transformer_jax import checkpoint
+from transformer_jax.training import TrainState
 
-state = training.init_train_state(nn.Dense(256), training.make_optimizer(1e-2),
-                                  (jnp.zeros((1, 256)),), seed=0)
+# many arrays written in parallel: when one write fails the others still complete later
+params = {f"p{i}": jax.random.normal(jax.random.key(i), (4096,)) for i in range(24)}
+state = TrainState(step=jnp.int32(0), params=params, opt_state={"count": jnp.zeros(3)},
+                   rng=jnp.zeros(2, jnp.uint32))
 try:
     with checkpoint.Checkpointer(sys.argv[1], max_to_keep=100) as ckpt:
         for step in range(1, 100):

@@ -224,3 +224,21 @@ def test_overwrite_refuses_a_run_another_live_process_holds(tmp_path):
     with pytest.raises(run_dir.RunLockedError, match="nothing was removed"):
         run_dir.prepare_run_dir(tmp_path, overwrite=True)
     assert _tree(tmp_path) == before
+
+
+def test_disk_full_anywhere_in_the_chain_becomes_one_error_naming_the_directory(tmp_path):
+    def nested():
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as e:
+            raise RuntimeError("background save failed") from e
+
+    with pytest.raises(run_dir.DiskFullError) as e:
+        with run_dir.disk_full_as_error(tmp_path / "run", "writing metrics"):
+            nested()
+    assert str(e.value) == (f"[Errno 28] disk full: no space left on the device holding "
+                            f"{tmp_path / 'run'} while writing metrics")
+    assert e.value.__cause__ is None and e.value.__suppress_context__
+    with pytest.raises(PermissionError):  # anything else passes through unchanged
+        with run_dir.disk_full_as_error(tmp_path, "writing"):
+            raise PermissionError(13, "Permission denied")

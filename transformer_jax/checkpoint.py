@@ -26,14 +26,15 @@ A full disk while saving raises `DiskFullError`, one line naming the path.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -44,6 +45,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
+from transformer_jax.run_dir import DiskFullError, disk_full_as_error  # noqa: F401 - re-exported
 from transformer_jax.training import TrainState
 
 _ITEMS = ("params", "opt_state", "progress")
@@ -71,10 +73,6 @@ class CheckpointMismatchError(CheckpointError):
 
 class NoReadableCheckpointError(CheckpointError):
     """A directory that holds checkpoints, none of them readable."""
-
-
-class DiskFullError(OSError):
-    """No space left on the device while writing a checkpoint (errno ENOSPC)."""
 
 
 class Checkpointer:
@@ -116,7 +114,7 @@ class Checkpointer:
         handlers[_MANIFEST] = ocp.JsonCheckpointHandler()
         _quiet_disk_full_logs()
         _set_aside_unlistable_steps(self.directory)
-        with _disk_full_as_one_line(self.directory, "creating the checkpoint directory"):
+        with disk_full_as_error(self.directory, "creating the checkpoint directory"):
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_handlers=handlers)
         self._saving: int | None = None
@@ -173,7 +171,7 @@ class Checkpointer:
         metrics = {} if val_loss is None else {"val_loss": float(val_loss)}
         self.wait()  # Orbax would wait too: here a failure of the previous save is named as such
         self._saving = step
-        with _disk_full_as_one_line(self.directory, f"saving checkpoint step {step}"):
+        with disk_full_as_error(self.directory, f"saving checkpoint step {step}"):
             return self._manager.save(
                 step,
                 args=ocp.args.Composite(
@@ -186,11 +184,11 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (DiskFullError if they could not be)."""
-        with _disk_full_as_one_line(self.directory, self._what_was_saving()):
+        with disk_full_as_error(self.directory, self._what_was_saving()):
             self._manager.wait_until_finished()
 
     def close(self) -> None:
-        with _disk_full_as_one_line(self.directory, self._what_was_saving()):
+        with disk_full_as_error(self.directory, self._what_was_saving()):
             self._manager.close()
 
     def _what_was_saving(self) -> str:
@@ -498,24 +496,6 @@ def _sha256(items: dict) -> str:
 # ------------------------------------------------------------------------ disk full
 
 
-class _disk_full_as_one_line:
-    """Turns an ENOSPC anywhere in an exception's chain (Orbax wraps the OSError of its
-    writer threads, tensorstore reports it as a ValueError naming errno 28) into one
-    DiskFullError naming `directory`."""
-
-    def __init__(self, directory: str, what: str):
-        self.directory, self.what = directory, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, tb):
-        if error is None or not isinstance(error, Exception) or not _is_disk_full(error):
-            return False
-        raise DiskFullError(errno.ENOSPC, f"disk full: no space left on the device holding "
-                            f"{self.directory} while {self.what}") from None
-
-
 class _DropDiskFull(logging.Filter):
     """Drops Orbax's log records (with their tracebacks) of a full disk: DiskFullError says it once."""
 
@@ -534,18 +514,29 @@ def _quiet_disk_full_logs() -> None:
         logger = logging.getLogger(name)
         if _DISK_FULL_FILTER not in logger.filters:
             logger.addFilter(_DISK_FULL_FILTER)
+    if not getattr(sys.unraisablehook, "_drops_closed_loop_callbacks", False):
+        sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
 
-def _is_disk_full(error: BaseException, depth: int = 0) -> bool:
-    if depth > 20 or error is None:
-        return False
-    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-        return True
-    text = str(error)
-    if "No space left on device" in text or "ENOSPC" in text:
-        return True
-    nested = list(getattr(error, "exceptions", ()))  # ExceptionGroup
-    return any(_is_disk_full(e, depth + 1) for e in [error.__cause__, error.__context__, *nested])
+def _drop_closed_loop_callbacks(previous):
+    """sys.unraisablehook without the "Event loop is closed" errors of tensorstore's late
+    callbacks.
+
+    When one write or read of an Orbax batch fails (a full disk, a damaged file), Orbax
+    closes the batch's asyncio loop while tensorstore still completes the others; each
+    completion calls back into the closed loop from C++, which reports a traceback per
+    array. They come after the error this module reports and add nothing. Only errors
+    raised directly by `call_soon_threadsafe` called from outside Python are dropped.
+    """
+    def hook(unraisable):
+        frames = traceback.extract_tb(unraisable.exc_traceback)
+        if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+                and frames and frames[0].name == "call_soon_threadsafe"):
+            return
+        previous(unraisable)
+
+    hook._drops_closed_loop_callbacks = True
+    return hook
 
 
 # ------------------------------------------------------------------------ helpers

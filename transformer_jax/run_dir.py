@@ -398,10 +398,30 @@ def _flocked(directory: str) -> Iterator[None]:
 # ------------------------------------------------------------------------ disk full
 
 
+class DiskFullError(OSError):
+    """No space left on the device (errno ENOSPC), with the directory being written."""
+
+
+@contextlib.contextmanager
+def disk_full_as_error(directory: str | os.PathLike, what: str = "writing") -> Iterator[None]:
+    """Turn an ENOSPC raised in the block, anywhere in its exception's chain (Orbax wraps
+    the OSError of its writer threads; tensorstore reports it as a ValueError naming errno
+    28), into one DiskFullError: "disk full: no space left on the device holding
+    <directory> while <what>"."""
+    try:
+        yield
+    except DiskFullError:
+        raise
+    except Exception as e:  # noqa: BLE001 - only a full disk is translated, the rest re-raised
+        if not is_disk_full(e):
+            raise
+        raise DiskFullError(errno.ENOSPC, f"disk full: no space left on the device holding "
+                                          f"{os.fspath(directory)} while {what}") from None
+
+
 def is_disk_full(error: BaseException) -> bool:
-    """Whether `error` (or one it wraps) is a full disk (errno ENOSPC)."""
-    seen = 0
-    stack = [error]
+    """Whether `error` (or one it wraps: cause, context, exception group) is a full disk."""
+    stack, seen = [error], 0
     while stack and seen < 50:
         e = stack.pop()
         seen += 1
