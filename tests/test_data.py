@@ -454,3 +454,10 @@ def test_tsv_rows_labels_and_split(tmp_path):
     (tmp_path / "blank.tsv").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no rows"):
         read_tsv(tmp_path / "blank.tsv")
+
+
+def test_check_pairs_leaves_targets_alone_without_max_tgt_len():
+    long_target = [(np.ones(3, np.int32), np.ones(50, np.int32))]
+    check_pairs(long_target, max_src_len=3)  # cut by make_seq2seq_batch, as documented
+    with pytest.raises(ValueError, match="row 1: target of 50 tokens"):
+        check_pairs(long_target, max_src_len=3, max_tgt_len=16)
