@@ -75,17 +75,20 @@ def test_an_existing_run_is_resumed_with_its_config(tmp_path):
     assert _tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("config", ["missing", "truncated"])
+@pytest.mark.parametrize("config", ["missing", "truncated", "replaced"])
 def test_checkpoints_without_a_readable_config_are_an_error_not_a_fresh_start(tmp_path, config):
     _make_run(tmp_path)
     path = tmp_path / "config.json"
     if config == "missing":
         path.unlink()
-    else:
+    elif config == "truncated":
         path.write_text(path.read_text()[:11])
+    else:
+        path.write_text("[1, 2]")
     before = _tree(tmp_path)
-    expected = "holds checkpoints but no config.json" if config == "missing" else \
-        f"config {str(path)!r} is not valid JSON .*truncated"
+    expected = {"missing": "holds checkpoints but no config.json",
+                "truncated": f"config {str(path)!r} is not valid JSON .*truncated",
+                "replaced": "is not a run configuration"}[config]
     with pytest.raises(run_dir.RunDirError, match=expected):
         with run_dir.open_run_dir(tmp_path):
             pass
@@ -242,3 +245,15 @@ def test_disk_full_anywhere_in_the_chain_becomes_one_error_naming_the_directory(
     with pytest.raises(PermissionError):  # anything else passes through unchanged
         with run_dir.disk_full_as_error(tmp_path, "writing"):
             raise PermissionError(13, "Permission denied")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_another_tools_config_and_tokenizer_files_do_not_make_a_run(tmp_path, overwrite):
+    """A Hugging Face model folder holds config.json and tokenizer.json too: never removed."""
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE"}}))
+    before = _tree(tmp_path)
+    with pytest.raises(run_dir.RunDirError, match="holds no run .*'config.json'"):
+        with run_dir.open_run_dir(tmp_path, overwrite=overwrite):
+            pass
+    assert _tree(tmp_path) == before

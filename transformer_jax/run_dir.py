@@ -105,9 +105,12 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         raise RunDirError(f"out_dir {out_dir!r} exists and is not a directory")
     entries = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     config_path = os.path.join(out_dir, CONFIG_FILE)
-    is_run = CONFIG_FILE in entries or _has_checkpoints(out_dir)
+    # Another tool's config.json (a Hugging Face model folder has one, and a tokenizer.json)
+    # does not make a run: only ours, or checkpoints, do.
+    ours = CONFIG_FILE in entries and _is_run_config(config_path)
+    is_run = ours or _has_checkpoints(out_dir)
     if entries and not is_run:
-        foreign = [n for n in entries if not is_run_file(n)]
+        foreign = [n for n in entries if not is_run_file(n) or n == CONFIG_FILE]
         if foreign:
             raise RunDirError(
                 f"out_dir {out_dir!r} is not empty and holds no run ({len(foreign)} entries the "
@@ -127,7 +130,11 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
                 f"out_dir {out_dir!r} holds checkpoints but no {CONFIG_FILE}: the run cannot be "
                 f"resumed without it. Restore {config_path} (e.g. from a backup), or pass "
                 f"overwrite (--overwrite) to discard the run")
-        return RunDirStatus(resume=True, config=read_json(config_path, "the run's config"))
+        config = read_json(config_path, "the run's config")
+        if not ours:
+            raise RunDirError(f"the run's config {config_path!r} is not a run configuration (a JSON "
+                              f"object with a \"model\" object): it was changed or replaced")
+        return RunDirStatus(resume=True, config=config)
     if entries and entries != [LOCK_FILE]:  # leftovers of ours, from a run that never wrote its config
         raise RunDirError(
             f"out_dir {out_dir!r} holds run files {entries[:4]} but no {CONFIG_FILE} and no "
@@ -154,6 +161,16 @@ def remove_run_files(out_dir: str | os.PathLike) -> list[str]:
             os.unlink(path)
         removed.append(name)
     return removed
+
+
+def _is_run_config(path: str) -> bool:
+    """Whether `path` parses as a run's config.json: a JSON object with a "model" object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and isinstance(config.get("model"), dict)
 
 
 def _has_checkpoints(out_dir: str) -> bool:
