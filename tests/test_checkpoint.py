@@ -1,9 +1,11 @@
-"""Tests for transformer_jax.checkpoint: exact round trip, retention, atomicity, fallback."""
+"""Tests for transformer_jax.checkpoint: exact round trip, retention, atomicity, checksums, fallback, faults."""
+import asyncio
 import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import types
 
 import flax.linen as nn
 import jax
@@ -362,3 +364,23 @@ except checkpoint.DiskFullError as e:
     print(f"DiskFullError: {e}")
     sys.exit(3)
 """
+
+
+def test_only_closed_loop_callbacks_from_outside_python_are_dropped():
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        closed = e
+    passed = []
+    hook = checkpoint._drop_closed_loop_callbacks(passed.append)
+    from_cpp = types.SimpleNamespace(exc_type=RuntimeError, exc_value=closed, object=None,
+                                     exc_traceback=closed.__traceback__.tb_next)  # no Python caller
+    from_python = types.SimpleNamespace(exc_type=RuntimeError, exc_value=closed, object=None,
+                                        exc_traceback=closed.__traceback__)
+    other = types.SimpleNamespace(exc_type=ValueError, exc_value=ValueError("x"), object=None,
+                                  exc_traceback=None)
+    for unraisable in (from_cpp, from_python, other):
+        hook(unraisable)
+    assert passed == [from_python, other]
