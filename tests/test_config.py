@@ -148,3 +148,13 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg, 2048) - flops_per_token(cfg, 1024) == 12 * 12 * 768 * 1024
     with pytest.raises(ValueError, match="seq_len"):
         flops_per_token(cfg, 0)
+
+
+@pytest.mark.parametrize("field", ["rope_base", "layer_norm_eps", "dropout_rate", "attention_dropout_rate"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_rejected_up_front(field, value):
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        get_config("tiny", **{field: value})
+    saved = json.loads(json.dumps({**get_config("tiny").to_dict(), field: value}))  # JSON spells NaN
+    with pytest.raises(ValueError, match=field):
+        ModelConfig.from_dict(saved)

@@ -7,7 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from transformer_jax.data import (STDLIB_MODULES, TokenSplits, encode_labelled, encode_pairs,
+from transformer_jax.data import (STDLIB_MODULES, TokenSplits, check_pairs, encode_labelled,
+                                  encode_pairs,
                                   get_batch, get_mlm_batch, load_text, make_classify_batch,
                                   make_seq2seq_batch, make_shuffle_batch, mask_tokens,
                                   prepare_tokens, read_tsv,
@@ -117,9 +118,36 @@ def test_prepare_tokens_splits_and_caches(tmp_path):
     assert CountingCharTokenizer.calls == 1  # the second call read the cache
     np.testing.assert_array_equal(again.train, ids[:750])
     prepare_tokens(text[:-1], tok, tmp_path)  # other text: another cache file
-    assert CountingCharTokenizer.calls == 2 and len(os.listdir(tmp_path)) == 2
+    assert CountingCharTokenizer.calls == 2
+    assert len([n for n in os.listdir(tmp_path) if n.endswith(".bin")]) == 2
     whole = prepare_tokens(text, tok, tmp_path, val_fraction=0.0)
     assert len(whole.train) == 1000 and len(whole.val) == 0
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no_record"])
+def test_damaged_token_cache_is_rebuilt_with_a_warning_never_trained_on(tmp_path, damage):
+    rng = np.random.default_rng(fresh_seed())
+    text = "".join(rng.choice(list("abcdefgh \n"), size=1000))
+    tok = CountingCharTokenizer.train(text)
+    prepare_tokens(text, tok, tmp_path)
+    (cache,) = [tmp_path / n for n in os.listdir(tmp_path) if n.endswith(".bin")]
+    if damage == "truncate":  # what a full disk or a killed copy leaves
+        os.truncate(cache, os.path.getsize(cache) // 2)
+    elif damage == "flip":
+        data = bytearray(cache.read_bytes())
+        data[int(rng.integers(len(data)))] ^= 0x01
+        cache.write_bytes(bytes(data))
+    else:  # a cache from before the record existed: cannot be checked
+        os.unlink(str(cache)[:-len(".bin")] + ".json")
+    CountingCharTokenizer.calls = 0
+    with pytest.warns(UserWarning, match=f"token cache {cache} .*rebuilding it"):
+        splits = prepare_tokens(text, tok, tmp_path)
+    assert CountingCharTokenizer.calls == 1
+    ids = CharTokenizer.train(text).encode(text)
+    np.testing.assert_array_equal(np.concatenate([splits.train, splits.val]), ids)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the rebuilt cache is trusted again
+        prepare_tokens(text, tok, tmp_path)
 
 
 def test_prepare_tokens_uses_uint32_for_large_vocabularies(tmp_path):
@@ -285,6 +313,23 @@ def test_get_mlm_batch_masks_the_clm_windows():
 
 # ---------------------------------------------------------------- seq2seq
 
+def test_check_pairs_names_rows_that_do_not_fit_before_training():
+    rng = np.random.default_rng(fresh_seed())
+    lengths = rng.integers(1, 9, size=(30, 2))  # every source in [1, 8], target in [1, 8] tokens
+    pairs = [(np.ones(s, np.int32), np.ones(t, np.int32)) for s, t in lengths]
+    check_pairs(pairs, max_src_len=8, max_tgt_len=9, source="ok.tsv")  # eos fits: no error
+    bad = dict(enumerate(pairs, start=1))
+    rows = sorted(rng.choice(np.arange(1, 31), size=3, replace=False).tolist())
+    bad[rows[0]] = (np.ones(9, np.int32), pairs[rows[0] - 1][1])  # source too long
+    bad[rows[1]] = (np.zeros(0, np.int32), pairs[rows[1] - 1][1])  # empty source
+    bad[rows[2]] = (pairs[rows[2] - 1][0], np.ones(9, np.int32))  # target + eos too long
+    expected = {rows[0]: f"row {rows[0]}: source of 9 tokens > 8", rows[1]: f"row {rows[1]}: empty source",
+                rows[2]: f"row {rows[2]}: target of 9 tokens \\+ eos > 9"}
+    with pytest.raises(ValueError, match="pairs.tsv: 3 problem\\(s\\) in 30 pairs \\("
+                       + "; ".join(expected[r] for r in rows)):
+        check_pairs([bad[i] for i in range(1, 31)], max_src_len=8, max_tgt_len=9, source="pairs.tsv")
+
+
 def test_reverse_pairs():
     pairs = reverse_pairs(50, seed=fresh_seed(), min_len=2, max_len=5, alphabet="xyz")
     assert len(pairs) == 50
@@ -409,3 +454,10 @@ def test_tsv_rows_labels_and_split(tmp_path):
     (tmp_path / "blank.tsv").write_text("\n", encoding="utf-8")
     with pytest.raises(ValueError, match="holds no rows"):
         read_tsv(tmp_path / "blank.tsv")
+
+
+def test_check_pairs_leaves_targets_alone_without_max_tgt_len():
+    long_target = [(np.ones(3, np.int32), np.ones(50, np.int32))]
+    check_pairs(long_target, max_src_len=3)  # cut by make_seq2seq_batch, as documented
+    with pytest.raises(ValueError, match="row 1: target of 50 tokens"):
+        check_pairs(long_target, max_src_len=3, max_tgt_len=16)

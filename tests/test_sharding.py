@@ -192,7 +192,7 @@ def fake_initialize(monkeypatch):
     for name in _DIST_ENV:
         monkeypatch.delenv(name, raising=False)
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *args: calls.append(args))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append(args))
     return calls
 
 

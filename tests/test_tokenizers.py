@@ -180,3 +180,28 @@ def test_bad_specs_are_rejected(tmp_path):
         ByteTokenizer().encode(b"bytes")
     with pytest.raises(ValueError, match="single characters"):
         CharTokenizer(["ab"])
+
+
+@pytest.mark.parametrize("spec", ["char", "byte", "bpe"])
+def test_truncated_tokenizer_file_is_one_line_naming_it(spec, tmp_path):
+    path = build_tokenizer(spec, CORPUS, vocab_size=300).save(tmp_path)
+    text = open(path, encoding="utf-8").read()
+    open(path, "w", encoding="utf-8").write(text[:len(text) * 2 // 3])
+    with pytest.raises(ValueError) as e:
+        load_tokenizer(tmp_path)
+    assert str(path) in str(e.value) and "truncated" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ({"transformer_jax": {"kind": "char"}}, "needs \"chars\""),
+    ({"transformer_jax": {"kind": "char", "chars": "abc"}}, "needs \"chars\""),
+    ({"transformer_jax": {"kind": "char", "chars": ["ab", "c"]}}, "needs \"chars\""),
+    ({"transformer_jax": "char"}, "must be an object whose \"kind\""),
+    ({"transformer_jax": {"kind": "word"}}, "must be an object whose \"kind\""),
+    (["not", "an", "object"], "holds a JSON list, expected an object"),
+])
+def test_tokenizer_file_of_the_wrong_shape_is_a_clear_error(content, expected, tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(content), encoding="utf-8")
+    with pytest.raises(ValueError, match=f"tokenizer file {str(path)!r}.*{expected}"):
+        load_tokenizer(tmp_path)

@@ -113,8 +113,9 @@ class ModelConfig:
                 raise ValueError(f"{name}={rate!r} must be a number in [0, 1)")
         for name in ("layer_norm_eps", "rope_base"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name}={value!r} must be a positive number")
+            # `not 0 < value < inf` also rejects NaN, which every comparison fails
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"{name}={value!r} must be a positive finite number")
         for name in ("use_bias", "tie_embeddings", "scale_embeddings", "scan_layers"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")

@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -86,10 +88,18 @@ def _launched_multi_process() -> bool:
     return "MEGASCALE_COORDINATOR_ADDRESS" in os.environ
 
 
+# jax.distributed.initialize's own default wait for every process to join.
+DEFAULT_DISTRIBUTED_TIMEOUT_S = 300.0
+# jax is given this much longer than `timeout_s`, so that our one-line exit comes first.
+_JAX_TIMEOUT_GRACE_S = 30
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    *,
+    timeout_s: float | None = None,
 ) -> None:
     """Join a multi-process JAX run (`jax.distributed.initialize`); call before any
     other JAX work.
@@ -101,6 +111,12 @@ def initialize_distributed(
     this is a no-op, so single-process runs need no flags; on Cloud TPU VMs, whose
     launcher sets no variables, pass `num_processes` (or set JAX_NUM_PROCESSES) to opt
     in. Calling it again once initialized is also a no-op.
+
+    `timeout_s` (default DEFAULT_DISTRIBUTED_TIMEOUT_S, 300 s, as jax's own) bounds the
+    wait for every process to join. When it passes (a peer that never started, a wrong
+    address or process count) the process prints one line to stderr naming the
+    coordinator and the timeout, and exits with status 1: jax would instead abort it
+    with a C++ trace, which Python cannot catch.
 
     Raises:
       ValueError / TypeError: a malformed argument or environment variable.
@@ -130,7 +146,38 @@ def initialize_distributed(
         raise ValueError(
             f"process_id={process_id}: expected 0 <= process_id < num_processes={num_processes}"
         )
-    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    timeout_s = DEFAULT_DISTRIBUTED_TIMEOUT_S if timeout_s is None else timeout_s
+    if not isinstance(timeout_s, (int, float)) or isinstance(timeout_s, bool) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s={timeout_s!r}: expected a positive number of seconds")
+    where = (f"the coordinator {coordinator_address}" if coordinator_address
+             else "the coordinator named by the launcher's environment")
+    who = "this process" if process_id is None else f"process {process_id}"
+    message = (f"initialize_distributed: {who} of {num_processes or 'the launcher-given number of'} "
+               f"could not join the run at {where} within {timeout_s:g} s (timeout_s, the "
+               f"--distributed-timeout flag): check that every process was started, with the same "
+               f"coordinator address and process count, and that the address is reachable")
+    with _exit_unless_done_within(timeout_s, message):
+        jax.distributed.initialize(coordinator_address, num_processes, process_id,
+                                   initialization_timeout=int(math.ceil(timeout_s)) + _JAX_TIMEOUT_GRACE_S)
+
+
+@contextlib.contextmanager
+def _exit_unless_done_within(timeout_s: float, message: str) -> Iterator[None]:
+    """Print `message` and end the process (status 1) if the block has not finished within
+    `timeout_s`. A hard exit, because the block is stuck in C++ that Python cannot interrupt."""
+    def expire() -> None:
+        sys.stdout.flush()
+        sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+        os._exit(1)
+
+    timer = threading.Timer(timeout_s, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 # -------------------------------------------------------------------------------- mesh

@@ -24,6 +24,8 @@ from typing import Sequence
 
 import numpy as np
 
+from transformer_jax.run_dir import read_json, write_atomic
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<mask>")
 TOKENIZER_FILE = "tokenizer.json"
 _OWN_FORMAT_KEY = "transformer_jax"
@@ -86,8 +88,7 @@ class Tokenizer(abc.ABC):
         """Write ``<directory>/tokenizer.json`` (creating the directory); return its path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, TOKENIZER_FILE)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_json())
+        write_atomic(path, self.to_json())  # a run killed meanwhile keeps the old file whole
         return path
 
     def fingerprint(self) -> str:
@@ -298,16 +299,24 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not os.path.isfile(file):
         raise ValueError(
             f"path must be a tokenizer.json or a directory holding one, got {str(path)!r}")
-    with open(file, encoding="utf-8") as f:
-        data = json.load(f)
-    own = data.get(_OWN_FORMAT_KEY) if isinstance(data, dict) else None
-    if own is None:
+    data = read_json(file, "tokenizer file")
+    if not isinstance(data, dict):
+        raise ValueError(f"tokenizer file {file!r} holds a JSON {type(data).__name__}, expected an "
+                         f"object (Hugging Face's tokenizer.json or {{{_OWN_FORMAT_KEY!r}: ...}})")
+    if _OWN_FORMAT_KEY not in data:
         return BPETokenizer.from_file(file)
-    if own.get("kind") == "char":
-        return CharTokenizer(own["chars"])
-    if own.get("kind") == "byte":
+    own = data[_OWN_FORMAT_KEY]
+    kind = own.get("kind") if isinstance(own, dict) else None
+    if kind == "char":
+        chars = own.get("chars")
+        if not (isinstance(chars, list) and chars and all(isinstance(c, str) and len(c) == 1 for c in chars)):
+            raise ValueError(f"tokenizer file {file!r}: a char tokenizer needs \"chars\", a non-empty "
+                             f"list of single characters, got {str(chars)[:60]}")
+        return CharTokenizer(chars)
+    if kind == "byte":
         return ByteTokenizer()
-    raise ValueError(f"{file!r} names an unknown tokenizer kind {own.get('kind')!r}")
+    raise ValueError(f"tokenizer file {file!r}: {_OWN_FORMAT_KEY!r} must be an object whose \"kind\" "
+                     f"is 'char' or 'byte', got {str(own)[:60]}")
 
 
 def _check_text(text: str) -> None:

@@ -11,7 +11,7 @@ batch is the same for any ``process_count``, and each process gets its own rows.
 """
 from transformer_jax.data.corpora import (STDLIB_MODULES, load_text, shakespeare_text,
                                           stdlib_text)
-from transformer_jax.data.examples import (encode_labelled, encode_pairs, make_classify_batch,
+from transformer_jax.data.examples import (check_pairs, encode_labelled, encode_pairs, make_classify_batch,
                                            make_seq2seq_batch, make_shuffle_batch, read_tsv,
                                            reverse_pairs,
                                            seq2seq_lengths, shuffle_examples, split_examples)
@@ -19,7 +19,7 @@ from transformer_jax.data.lm import (TokenSplits, get_batch, get_mlm_batch, mask
                                      prepare_tokens, token_dtype, validate_seq_len)
 
 __all__ = [
-    "STDLIB_MODULES", "TokenSplits", "encode_labelled", "encode_pairs", "get_batch",
+    "STDLIB_MODULES", "TokenSplits", "check_pairs", "encode_labelled", "encode_pairs", "get_batch",
     "get_mlm_batch", "load_text", "make_classify_batch", "make_seq2seq_batch", "mask_tokens",
     "prepare_tokens", "read_tsv", "reverse_pairs", "seq2seq_lengths", "shakespeare_text",
     "make_shuffle_batch", "shuffle_examples", "split_examples", "stdlib_text", "token_dtype", "validate_seq_len",

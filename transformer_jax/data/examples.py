@@ -147,6 +147,41 @@ def make_seq2seq_batch(pairs: Sequence[Pair], *, seed: int, step: int, batch_siz
     return src, tgt_in, tgt_out, src_mask, tgt_mask
 
 
+def check_pairs(pairs: Sequence[Pair], *, max_src_len: int, max_tgt_len: int | None = None,
+                source: str = "pairs") -> None:
+    """Raise ValueError, before any training, unless every source is non-empty and at most
+    ``max_src_len`` tokens (a source is never cut: the encoder must see all of it, at
+    training and at generation alike) and, when ``max_tgt_len`` is given, every target is at
+    most ``max_tgt_len - 1`` tokens (the decoder also reads bos / predicts eos; without it,
+    longer targets are cut by ``make_seq2seq_batch``).
+
+    ``source`` names the data in the message (e.g. the TSV path); rows are counted from 1
+    in the order given (blank TSV lines are not rows). The message lists the first few
+    offending rows and how many there are.
+    """
+    limits = (("max_src_len", max_src_len), ("max_tgt_len", max_tgt_len))
+    for name, value in limits:
+        if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if len(pairs) == 0:
+        raise ValueError(f"{source}: no (source, target) pairs")
+    problems = []
+    for row, (src, tgt) in enumerate(pairs, start=1):
+        if len(src) == 0:
+            problems.append(f"row {row}: empty source")
+        elif len(src) > max_src_len:
+            problems.append(f"row {row}: source of {len(src)} tokens > {max_src_len}")
+        if max_tgt_len is not None and len(tgt) + 1 > max_tgt_len:
+            problems.append(f"row {row}: target of {len(tgt)} tokens + eos > {max_tgt_len}")
+    if problems:
+        allowed = f"source <= {max_src_len}" + (
+            "" if max_tgt_len is None else f", target <= {max_tgt_len - 1}")
+        raise ValueError(
+            f"{source}: {len(problems)} problem(s) in {len(pairs)} pairs ({'; '.join(problems[:3])}"
+            f"{'; ...' if len(problems) > 3 else ''}): remove or shorten those rows, or allow "
+            f"longer sequences ({allowed} tokens now)")
+
+
 def seq2seq_lengths(pairs: Sequence[Pair]) -> tuple[int, int]:
     """The smallest ``(src_len, tgt_len)`` that hold every pair uncut (eos included)."""
     return max(len(s) for s, _ in pairs), max(len(t) for _, t in pairs) + 1

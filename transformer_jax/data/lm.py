@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import warnings
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -46,18 +48,66 @@ def prepare_tokens(text: str, tokenizer: Tokenizer, cache_dir: str | os.PathLike
     key = hashlib.sha256(text.encode("utf-8") + b"\0"
                          + tokenizer.fingerprint().encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"tokens-{key}.{dtype.name}.bin")
-    if not os.path.isfile(path):
-        ids = tokenizer.encode(text)
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        ids.astype(dtype).tofile(tmp)
-        os.replace(tmp, path)  # atomic: concurrent or killed writers never leave half a file
+    problem = _cache_problem(path)
+    if problem is not None:
+        if problem != "missing":
+            warnings.warn(f"token cache {path} {problem}: rebuilding it", stacklevel=2)
+        _write_cache(path, tokenizer.encode(text).astype(dtype))
     tokens = np.memmap(path, dtype=dtype, mode="r")
     n_train = int(len(tokens) * (1.0 - val_fraction))
     if n_train == 0 or (val_fraction > 0 and n_train == len(tokens)):
         raise ValueError(
             f"text of {len(tokens)} tokens is too short to split with val_fraction={val_fraction}")
     return TokenSplits(train=tokens[:n_train], val=tokens[n_train:])
+
+
+# Caches up to this size are hashed on every load; larger ones are checked by size only.
+CACHE_HASH_LIMIT_BYTES = 256 << 20
+
+
+def _cache_record(path: str) -> str:
+    return path[:-len(".bin")] + ".json"
+
+
+def _sha256_of(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_cache(path: str, ids: np.ndarray) -> None:
+    """The token file, then beside it its size and SHA-256 (each written to a temporary name
+    and renamed: concurrent or killed writers never leave half a file)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    ids.tofile(tmp)
+    record = {"bytes": os.path.getsize(tmp), "sha256": _sha256_of(tmp)}
+    os.replace(tmp, path)
+    tmp = f"{_cache_record(path)}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, _cache_record(path))
+
+
+def _cache_problem(path: str) -> str | None:
+    """None if the cached token file matches the size (and, up to CACHE_HASH_LIMIT_BYTES, the
+    SHA-256) recorded beside it when it was written; else what is wrong with it."""
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        with open(_cache_record(path)) as f:
+            record = json.load(f)
+        expected, digest = int(record["bytes"]), record["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "has no readable size record beside it (written by an older version, or cut short)"
+    size = os.path.getsize(path)
+    if size != expected:
+        return f"is truncated or damaged ({size} bytes, {expected} recorded when it was written)"
+    if size <= CACHE_HASH_LIMIT_BYTES and _sha256_of(path) != digest:
+        return "is damaged (its SHA-256 differs from the one recorded when it was written)"
+    return None
 
 
 def validate_seq_len(tokens: np.ndarray, seq_len: int, *, name: str = "tokens") -> None:

@@ -1,0 +1,100 @@
+"""Fault injection on checkpoints: kill -9 during saves, in a loop, on real processes.
+
+The other faults (flipped bytes, truncated files, a full disk, a mismatched model) are
+tested beside the code they concern: tests/test_checkpoint.py, test_run_dir.py.
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from processes import REPO, cpu_env, free_port
+from transformer_jax import checkpoint
+
+# The state saved as step s is a pure function of s, so any restored step can be checked
+# bit for bit. Shared verbatim by the test and the child process.
+STATE_FOR = """
+import jax, jax.numpy as jnp
+from transformer_jax.training import TrainState
+
+def state_for(step):
+    k = jax.random.split(jax.random.key(step), 3)
+    return TrainState(step=jnp.asarray(step, jnp.int32),
+                      params={"w": jax.random.normal(k[0], (256, 256)), "b": jax.random.normal(k[1], (256,))},
+                      opt_state={"mu": jax.random.normal(k[2], (256, 256))},
+                      rng=jax.random.key_data(jax.random.key(step + 1)))
+"""
+
+SAVER = STATE_FOR + """
+import sys
+from transformer_jax import checkpoint
+
+with checkpoint.Checkpointer(sys.argv[1], max_to_keep=2) as ckpt:
+    state = ckpt.restore(checkpoint.abstract_state(state_for(0)))
+    start = 0 if state is None else int(state.step)
+    print(f"resumed at {start}", flush=True)
+    for step in range(start + 1, 10**6):
+        ckpt.save(step, state_for(step))
+"""
+
+
+def test_kill_9_during_saves_in_a_loop_leaves_a_bit_identical_checkpoint(tmp_path):
+    namespace = {}
+    exec(STATE_FOR, namespace)
+    state_for = namespace["state_for"]
+    script = tmp_path / "saver.py"
+    script.write_text(SAVER)
+    directory = tmp_path / "checkpoints"
+    rng = np.random.default_rng()
+    resumed = []
+    for _ in range(4):
+        child = subprocess.Popen([sys.executable, str(script), str(directory)], env=cpu_env(),
+                                 cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = child.stdout.readline()  # the restore (verified against its checksums) is done
+        assert line.startswith("resumed at "), line
+        resumed.append(int(line.split()[-1]))
+        time.sleep(rng.uniform(0.2, 1.5))  # somewhere in the middle of a save, or between two
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=60)
+        child.stdout.close()
+    assert resumed[0] == 0 and all(b >= a for a, b in zip(resumed, resumed[1:])), resumed
+    with checkpoint.Checkpointer(directory) as ckpt:
+        restored = ckpt.restore(checkpoint.abstract_state(state_for(0)))
+        step = int(restored.step)
+        assert step >= max(resumed[-1], 1) and ckpt.latest_step() == step
+    expected = state_for(step)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(expected)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert not [n for n in os.listdir(directory) if ".corrupt-" in n]  # a killed save damages nothing
+
+
+# ------------------------------------------------------------------ a peer that never starts
+
+JOIN = """
+import sys
+from transformer_jax import sharding
+sharding.initialize_distributed(sys.argv[1], 2, int(sys.argv[2]), timeout_s=float(sys.argv[3]))
+print("joined")
+"""
+
+
+@pytest.mark.parametrize("process_id", [0, 1])  # the coordinator alone; a peer with no coordinator
+def test_a_peer_that_never_starts_is_one_line_after_the_timeout(process_id):
+    address = f"localhost:{free_port()}"
+    start = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", JOIN, address, str(process_id), "4"],
+                            env=cpu_env(), cwd=REPO, capture_output=True, text=True, timeout=120)
+    elapsed = time.monotonic() - start
+    assert result.returncode == 1 and "joined" not in result.stdout, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1] == (f"initialize_distributed: process {process_id} of 2 could not join the run at "
+                         f"the coordinator {address} within 4 s (timeout_s, the --distributed-timeout "
+                         f"flag): check that every process was started, with the same coordinator "
+                         f"address and process count, and that the address is reachable")
+    assert not [line for line in lines if "Check failure" in line or "Traceback" in line], result.stderr
+    assert 4 <= elapsed < 60
