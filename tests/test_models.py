@@ -328,7 +328,7 @@ def test_masked_lm_checkpoint_loads_into_classifier():
     expected = np.asarray(hidden, np.float64).mean(1) @ head["kernel"] + head["bias"]
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
-        jax.eval_shape(SequenceClassifier(TINY, 3, pooling="max").init, KEY, x)
+        jax.eval_shape(SequenceClassifier(TINY, 3, pooling="median").init, KEY, x)
 
 
 # ---------------------------------------------------------------- encoder-decoder
