@@ -113,6 +113,13 @@ def abstract_params(model: nn.Module) -> Any:
     return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
 
 
+def unboxed(tree: Any) -> Any:
+    """`tree` with every `nn.Partitioned` box replaced by its value. (`nn.unbox` would also
+    apply a sharding constraint under an active mesh, which abstract shapes cannot take.)"""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
 def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfig) -> None:
     filled = [p for e in table for p in e.paths]
     if sorted(filled) != sorted(shapes):  # the table is ours: a mismatch is a bug here
@@ -125,7 +132,7 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     source = TensorSource(path)
     table = family.entries(cfg, kind)
     abstract = abstract_params(model)
-    flat_abstract = traverse_util.flatten_dict(nn.unbox(abstract))
+    flat_abstract = traverse_util.flatten_dict(unboxed(abstract))
     shapes = {p: tuple(s.shape) for p, s in flat_abstract.items()}
     _check_table(table, shapes, cfg)
 
@@ -203,8 +210,8 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     family.check_config(cfg, kind)
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
-    flat = traverse_util.flatten_dict(nn.unbox(params))
-    shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(nn.unbox(abstract_params(model))).items()}
+    flat = traverse_util.flatten_dict(unboxed(params))
+    shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract_params(model))).items()}
     got = {p: tuple(np.shape(v)) for p, v in flat.items()}
     if got != shapes:
         wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
