@@ -189,12 +189,16 @@ def family_for(model: nn.Module):
 
 
 def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
-                    tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None) -> str:
+                    tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None,
+                    token_ids: dict[str, int] | None = None) -> str:
     """Write `model` and `params` as a Hugging Face directory transformers can load.
 
     Writes config.json and model.safetensors (float32, one tensor at a time, each file
     atomically), tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
     modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
+    `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
+    config.json as they are; the tokenizer's special ids fill the ones not given.
+    Marian needs `pad_token_id` (transformers refuses a Marian config without a valid one).
     The families: Encoder / MaskedLM -> bert, DecoderLM with LayerNorm -> gpt2, with
     RMSNorm -> llama (qwen2 with q/k/v biases, mistral with a sliding window),
     EncoderDecoder -> marian. Returns `path`.
@@ -222,7 +226,7 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
                 lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
                for e in table]
     write_file(os.path.join(path, SINGLE_FILE), tensors)
-    hf = {**family.to_hf(cfg, kind), "torch_dtype": "float32", "dtype": "float32"}
+    hf = {**family.to_hf(cfg, kind), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
                             ("eos_token_id", tokenizer.eos_id)):
