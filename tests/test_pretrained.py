@@ -235,3 +235,10 @@ def test_pooling_modes():
     expected = np.stack([hidden[i][mask[i]].mean(0) for i in range(2)])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_suppress_ids_are_validated_before_compiling():
+    pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
+    for bad in ([96], [-1], ["a"], list(range(96))):
+        with pytest.raises(ValueError, match="suppress_ids"):
+            generate(pre.model, pre.params, [[1, 2]], max_new_tokens=2, suppress_ids=bad)
