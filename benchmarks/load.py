@@ -1,9 +1,11 @@
 """Seconds and peak host memory to load a Hugging Face directory: transformer_jax's
 `from_pretrained` against transformers' `from_pretrained` (PyTorch, CPU), side by side.
 
-Each load runs in a fresh child process. Memory is the growth of the process's peak
-resident set (VmHWM) over its resident set after the imports (VmRSS), i.e. what loading
-adds, compared with the size of the weights (the safetensors files). Run with an
+Each load runs in a fresh child process. Both libraries map the safetensors file and
+read weights lazily where they can, so the script times the load and then the first
+full read of every weight (a sum over all parameters), and reports memory twice: the
+growth of the peak resident set (VmHWM) over the resident set after the imports, after
+the load and after that read, against the size of the weights (the safetensors files). Run with an
 environment that has both libraries:
 
     /work/venv-peers/bin/python benchmarks/load.py [--repeats 3] [--gpt2-medium-dir DIR]
@@ -36,14 +38,19 @@ if which == "ours":
     base = status("VmRSS"); start = time.perf_counter()
     pre = from_pretrained(path)
     jax.block_until_ready(pre.params)
+    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
+    total = sum(float(jax.numpy.sum(x)) for x in jax.tree.leaves(pre.params))
 else:
     import torch, transformers
     torch.set_num_threads(os.cpu_count())
     model_cls = getattr(transformers, cls)
     base = status("VmRSS"); start = time.perf_counter()
     model = model_cls.from_pretrained(path)
-seconds = time.perf_counter() - start
-print(json.dumps(dict(seconds=seconds, added=status("VmHWM") - base)))
+    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
+    with torch.no_grad():
+        total = sum(float(p.sum()) for p in model.parameters())
+read = time.perf_counter() - start
+print(json.dumps(dict(seconds=seconds, read=read, loaded=loaded, added=status("VmHWM") - base)))
 """
 
 
@@ -70,16 +77,17 @@ def main() -> None:
                         "--gpt2-medium", args.gpt2_medium_dir], check=True)
     models = [("all-MiniLM-L6-v2", minilm_path(), "BertModel"),
               ("gpt2-medium (random)", args.gpt2_medium_dir, "GPT2LMHeadModel")]
-    print("| model | weights MB | loader | seconds (median) | added peak memory MB | memory / weights |")
-    print("|---|---|---|---|---|---|")
+    print("| model | weights MB | loader | load s | load + read all s | peak MB after load | "
+          "after read | after read / weights |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, path, cls in models:
         size = weights_bytes(path)
         for which, label in (("ours", "transformer_jax"), ("hf", "transformers (torch)")):
             runs = [measure(which, path, cls) for _ in range(args.repeats)]
-            seconds = sorted(r["seconds"] for r in runs)[len(runs) // 2]
-            added = max(r["added"] for r in runs)
-            print(f"| {name} | {size / 2**20:.0f} | {label} | {seconds:.2f} | {added / 2**20:.0f} | "
-                  f"{added / size:.2f} |", flush=True)
+            median = lambda k: sorted(r[k] for r in runs)[len(runs) // 2]  # noqa: E731
+            loaded, added = max(r["loaded"] for r in runs), max(r["added"] for r in runs)
+            print(f"| {name} | {size / 2**20:.0f} | {label} | {median('seconds'):.2f} | {median('read'):.2f} | "
+                  f"{loaded / 2**20:.0f} | {added / 2**20:.0f} | {added / size:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

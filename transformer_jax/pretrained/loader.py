@@ -2,9 +2,11 @@
 
 Loading checks everything it can before reading any weight (config options, every
 checkpoint key known, every parameter filled, every shape right: headers only), then
-reads one tensor at a time, converts it, and places it on the device (or, given a mesh,
-directly with its shardings from `transformer_jax.sharding`), so host memory holds one
-tensor beyond the placed parameters. A failure raises before anything is returned.
+takes one tensor at a time (a memory map of its bytes), converts it where our layout
+differs, and places it on the device (or, given a mesh, directly with its shardings from
+`transformer_jax.sharding`), so host memory holds at most one converted tensor beyond the
+placed parameters. On a CPU backend a float32 tensor needing no conversion stays a view
+of the file's pages (see `safetensors_io`). A failure raises before anything is returned.
 """
 from __future__ import annotations
 
@@ -131,11 +133,6 @@ def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfi
 def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Module, mesh) -> dict:
     source = TensorSource(path)
     table = family.entries(cfg, kind)
-    abstract = abstract_params(model)
-    flat_abstract = traverse_util.flatten_dict(unboxed(abstract))
-    shapes = {p: tuple(s.shape) for p, s in flat_abstract.items()}
-    _check_table(table, shapes, cfg)
-
     names = {}
     for key in source.infos:
         canonical = family.normalize_key(key, kind)
@@ -162,16 +159,25 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         if info.dtype.kind != "f":
             raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has dtype {info.dtype}, expected a float")
 
+    # The tables fill every parameter with its shape (checked by the tests through
+    # save_pretrained, which compares against the model's own shapes), so the model is
+    # traced for its shapes only when a mesh needs the logical axes for the shardings.
+    place = jax.device_put
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
+        abstract = abstract_params(model)
+        shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
+        _check_table(table, shapes, cfg)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
+        place = lambda value, p: jax.device_put(value, shardings[p])  # noqa: E731
     flat = {}
     for e in table:
-        tensor = source.read(names[e.key]).astype(np.float32, copy=False)
+        tensor = source.read(names[e.key])
+        if tensor.dtype != np.float32:  # bf16/f16/f64 checkpoints: parameters are float32
+            tensor = tensor.astype(np.float32)
         for p, value in zip(e.paths, e.load(tensor)):
-            value = np.ascontiguousarray(value, np.float32)
-            flat[p] = jax.device_put(value, shardings[p]) if mesh is not None else jnp.asarray(value)
+            flat[p] = place(value, p) if mesh is not None else place(value)
         del tensor
     return traverse_util.unflatten_dict(flat)
 
