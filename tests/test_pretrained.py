@@ -242,3 +242,24 @@ def test_suppress_ids_are_validated_before_compiling():
     for bad in ([96], [-1], ["a"], list(range(96))):
         with pytest.raises(ValueError, match="suppress_ids"):
             generate(pre.model, pre.params, [[1, 2]], max_new_tokens=2, suppress_ids=bad)
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    """A bf16 checkpoint (written by our writer; transformers' own reader is the reference
+    for the format) loads as the float32 values of its bf16 numbers."""
+    import ml_dtypes
+
+    from transformer_jax.pretrained.safetensors_io import write_file
+
+    path = copy_fixture("qwen2", tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    halved = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    write_file(file, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in halved.items()])
+    with open(file, "rb") as f:  # the header names the dtype as the format does
+        assert b'"dtype":"BF16"' in f.read(4096)
+    pre = from_pretrained(path)
+    reference = from_pretrained(os.path.join(FIXTURES, "qwen2"))
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
+                           reference.params)
+    jax.tree.map(np.testing.assert_array_equal, pre.params, rounded)

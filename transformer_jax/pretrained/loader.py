@@ -25,7 +25,7 @@ from transformer_jax import models
 from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
-from transformer_jax.pretrained.safetensors_io import SINGLE_FILE, TensorSource, write_file
+from transformer_jax.pretrained.safetensors_io import FLOAT_DTYPES, SINGLE_FILE, TensorSource, write_file
 from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
 
@@ -156,7 +156,7 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         if info.shape != e.shape:
             raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has shape {list(info.shape)}, "
                              f"expected {list(e.shape)} from config.json")
-        if info.dtype.kind != "f":
+        if info.dtype not in FLOAT_DTYPES:
             raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has dtype {info.dtype}, expected a float")
 
     # The tables fill every parameter with its shape (checked by the tests through
