@@ -23,7 +23,7 @@ from transformer_jax.pretrained.safetensors_io import read_header
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
-ALL = (*CAUSAL, "bert", "marian")
+ALL = (*CAUSAL, "bert", "bert_classifier", "marian")
 PAD_MARIAN = 95  # the marian fixture's pad = decoder start id
 
 
@@ -34,7 +34,7 @@ def golden(name: str) -> dict[str, np.ndarray]:
 def logits_of(pre, name: str, g: dict) -> np.ndarray:
     v = {"params": pre.params}
     tokens = jnp.asarray(g["tokens"], jnp.int32)
-    if name == "bert":
+    if name.startswith("bert"):
         return np.asarray(pre.model.apply(v, tokens, padding_mask=jnp.asarray(g["mask"]),
                                           token_type_ids=jnp.asarray(g["token_type_ids"], jnp.int32)))
     if name == "marian":
@@ -48,7 +48,7 @@ def test_logits_match_transformers(name):
     g = golden(name)
     pre = from_pretrained(os.path.join(FIXTURES, name))
     ours = logits_of(pre, name, g)
-    real = g["mask"] if name == "bert" else np.ones(ours.shape[:2], bool)  # padding slots: meaningless
+    real = g["mask"] if name == "bert" else np.ones(ours.shape[:-1], bool)  # padding slots: meaningless
     assert ours.dtype == np.float32 and ours.shape == g["logits"].shape
     assert np.abs(g["logits"]).max() > 3  # the fixture's weights make every detail count
     np.testing.assert_allclose(ours[real], g["logits"][real], atol=1e-4, rtol=0)
@@ -83,6 +83,8 @@ def test_config_mapping():
     assert bert.config.dtype == "bfloat16" and type(bert.model).__name__ == "MaskedLM"
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bert.params))
     assert bert.tokenizer is None and bert.pooling is None
+    clf = from_pretrained(os.path.join(FIXTURES, "bert_classifier")).model
+    assert (type(clf).__name__, clf.num_classes, clf.pooling, clf.pooler) == ("SequenceClassifier", 3, "first", True)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -31,13 +31,25 @@ from transformer_jax.pretrained.tokenizer import HFTokenizer
 
 FAMILIES = {t: family for family in (gpt2, bert, llama, marian) for t in family.MODEL_TYPES}
 MODEL_CLASSES = {"decoder_lm": models.DecoderLM, "encoder": models.Encoder,
-                 "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder}
+                 "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder,
+                 "classifier": models.SequenceClassifier}
+
+
+def _build(kind: str, cfg: ModelConfig, hf: dict) -> nn.Module:
+    if kind == "classifier":  # BERT's: pooler (dense + tanh) on the [CLS] token
+        return models.SequenceClassifier(cfg, num_classes=bert.num_labels(hf), pooling="first", pooler=True)
+    return MODEL_CLASSES[kind](cfg)
+
+
+def _classes(model: nn.Module) -> tuple:
+    """The extra argument a classifier's table and config need (its number of classes)."""
+    return (model.num_classes,) if isinstance(model, models.SequenceClassifier) else ()
 
 
 class Pretrained(NamedTuple):
     """What `from_pretrained` returns.
 
-    model: a DecoderLM, Encoder, MaskedLM or EncoderDecoder; params: its parameters
+    model: a DecoderLM, Encoder, MaskedLM, SequenceClassifier or EncoderDecoder; params: its parameters
     (float32, `model.apply({"params": params}, ...)`); tokenizer: an `HFTokenizer` or
     None; config: the `ModelConfig`; pooling: a `Pooling` for a sentence-transformers
     directory, else None; hf_config: the directory's config.json as a dict (special
@@ -82,7 +94,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    model = MODEL_CLASSES[kind](cfg)
+    model = _build(kind, cfg, hf)
     params = _load_params(path, family, cfg, kind, model, mesh)
     tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
     return Pretrained(model, params, tokenizer, cfg, pooling, hf)
@@ -110,7 +122,7 @@ def _max_length(path: str, cfg: ModelConfig) -> int:
 
 def abstract_params(model: nn.Module) -> Any:
     """The model's parameters as boxed ShapeDtypeStructs (no memory allocated)."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)  # (a classifier's init needs no labels)
     args = (tokens, tokens) if isinstance(model, models.EncoderDecoder) else (tokens,)
     return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
 
@@ -132,7 +144,7 @@ def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfi
 
 def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Module, mesh) -> dict:
     source = TensorSource(path)
-    table = family.entries(cfg, kind)
+    table = family.entries(cfg, kind, *_classes(model))
     names = {}
     for key in source.infos:
         canonical = family.normalize_key(key, kind)
@@ -185,13 +197,19 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
 def family_for(model: nn.Module):
     """The checkpoint family that holds `model` (by kind and architecture)."""
     cfg = model.cfg
+    if isinstance(model, models.SequenceClassifier):
+        if model.pooling != "first" or not model.pooler:
+            raise ValueError("a SequenceClassifier is saved as BertForSequenceClassification, which "
+                             f"needs pooling='first' and pooler=True, got {model.pooling!r}, {model.pooler}")
+        return bert
     if isinstance(model, (models.Encoder, models.MaskedLM)):
         return bert
     if isinstance(model, models.EncoderDecoder):
         return marian
     if isinstance(model, models.DecoderLM):
         return gpt2 if cfg.norm == "layernorm" else llama
-    raise TypeError(f"model must be a DecoderLM, Encoder, MaskedLM or EncoderDecoder, got {type(model).__name__}")
+    raise TypeError("model must be a DecoderLM, Encoder, MaskedLM, SequenceClassifier or EncoderDecoder, "
+                    f"got {type(model).__name__}")
 
 
 def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
@@ -205,7 +223,7 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
     config.json as they are; the tokenizer's special ids fill the ones not given.
     Marian needs `pad_token_id` (transformers refuses a Marian config without a valid one).
-    The families: Encoder / MaskedLM -> bert, DecoderLM with LayerNorm -> gpt2, with
+    The families: Encoder / MaskedLM / SequenceClassifier (pooling "first", pooler) -> bert, DecoderLM with LayerNorm -> gpt2, with
     RMSNorm -> llama (qwen2 with q/k/v biases, mistral with a sliding window),
     EncoderDecoder -> marian. Returns `path`.
 
@@ -226,13 +244,13 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     if got != shapes:
         wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
         raise ValueError(f"params do not match the model built from its config: e.g. {'/'.join(wrong[0])}")
-    table = family.entries(cfg, kind)
+    table = family.entries(cfg, kind, *_classes(model))
     os.makedirs(path, exist_ok=True)
     tensors = [(e.key, e.shape, np.float32,
                 lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
                for e in table]
     write_file(os.path.join(path, SINGLE_FILE), tensors)
-    hf = {**family.to_hf(cfg, kind), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
+    hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
                             ("eos_token_id", tokenizer.eos_id)):
