@@ -71,21 +71,27 @@ def test_token_types_and_embedding_norm():
 
 
 def test_suppressed_tokens_are_never_generated():
+    """Greedy decoding with suppress_ids equals the argmax over the other tokens, step by
+    step, of full forward passes (causal: the logits at slot p ignore the slots after it)."""
     cfg = get_config("tiny")
     model = DecoderLM(cfg)
-    prompt = np.array([[3, 5, 7]])
+    prompt, new = np.array([[3, 5, 7]]), 5
     params = model.init(KEY, prompt)["params"]
-    free = generate(model, params, prompt, max_new_tokens=5)
-    banned = sorted(set(np.asarray(free.tokens[0]).tolist()))
-    out = generate(model, params, prompt, max_new_tokens=5, suppress_ids=banned)
+    apply = jax.jit(lambda t: model.apply({"params": params}, t))
+
+    def reference(banned):
+        seq = np.zeros((1, 3 + new), np.int32)
+        seq[:, :3] = prompt
+        for step in range(new):
+            logits = np.array(apply(seq)[0, 2 + step])
+            logits[list(banned)] = -np.inf
+            seq[0, 3 + step] = int(np.argmax(logits))
+        return seq[0, 3:]
+
+    banned = sorted(set(reference([]).tolist()))  # what greedy would say without suppression
+    out = generate(model, params, prompt, max_new_tokens=new, suppress_ids=banned)
     assert not set(np.asarray(out.tokens[0]).tolist()) & set(banned)
-    # greedy over the logits with the banned ids removed, computed by a full forward pass
-    seq = prompt
-    for _ in range(5):
-        logits = np.array(model.apply({"params": params}, seq)[0, -1])
-        logits[banned] = -np.inf
-        seq = np.concatenate([seq, [[int(np.argmax(logits))]]], axis=1)
-    np.testing.assert_array_equal(out.tokens[0], seq[0, 3:])
+    np.testing.assert_array_equal(out.tokens[0], reference(banned))
 
 
 @pytest.mark.parametrize(

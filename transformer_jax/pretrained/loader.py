@@ -95,8 +95,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
             raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
     model = _build(kind, cfg, hf)
+    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))  # cheap: before the weights
     params = _load_params(path, family, cfg, kind, model, mesh)
-    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
     return Pretrained(model, params, tokenizer, cfg, pooling, hf)
 
 
@@ -134,7 +134,7 @@ def unboxed(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfig) -> None:
+def _check_table(table: list[Entry], shapes: dict[tuple, tuple]) -> None:
     filled = [p for e in table for p in e.paths]
     if sorted(filled) != sorted(shapes):  # the table is ours: a mismatch is a bug here
         raise RuntimeError(
@@ -180,7 +180,7 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
 
         abstract = abstract_params(model)
         shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
-        _check_table(table, shapes, cfg)
+        _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
         place = lambda value, p: jax.device_put(value, shardings[p])  # noqa: E731
     flat = {}
