@@ -188,6 +188,13 @@ class Checkpointer:
             self._manager.wait_until_finished()
 
     def close(self) -> None:
+        # Orbax (0.12) removes unfinished temporary directories in a background thread when it
+        # opens a directory, and waits for it in save() only: without this wait, a process that
+        # ends soon after opening (an error before any save) has that thread fail noisily at
+        # interpreter shutdown.
+        await_cleanup = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+        if await_cleanup is not None:
+            await_cleanup()
         with disk_full_as_error(self.directory, self._what_was_saving()):
             self._manager.close()
 
