@@ -23,6 +23,7 @@ import importlib
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from transformer_jax.attention import jax_nn
 from transformer_jax.attention.arguments import IMPLEMENTATIONS, Operands, Options
@@ -63,6 +64,8 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
         if pallas is None:
             return Selection("pallas", f"GPU; cudnn unusable ({cudnn}), the Pallas kernel supports the call")
 
+    if jnp.iscomplexobj(ops.query):
+        return Selection("reference", "complex inputs: of ours, only reference (and xla) take them")
     scores = ops.query.shape[1] * ops.key.shape[1]
     if jax.default_backend() == "tpu" and scores > REFERENCE_MAX_SCORES:
         pallas = unsupported_reason(ops, opts, "pallas")
@@ -76,6 +79,9 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
 
 def unsupported_reason(ops: Operands, opts: Options, implementation: str) -> str | None:
     """None if `implementation` can serve the call on this platform, else the reason."""
+    if jnp.iscomplexobj(ops.query) and implementation not in ("reference", "xla"):
+        return (f"complex inputs ({ops.query.dtype}) are supported by 'reference' and 'xla' only, "
+                f"not by {implementation!r}")
     if implementation in ("xla", "cudnn"):
         return jax_nn.unsupported_reason(ops, opts, implementation)
     if implementation == "pallas":
@@ -97,6 +103,8 @@ def _pallas_reason(ops: Operands, opts: Options) -> str | None:
         return f"the Pallas kernel is unavailable ({e})"
     if opts.precision is not None:
         return "the Pallas kernel takes no precision argument"
+    if opts.return_residual:
+        return "the Pallas kernel does not return the log-sum-exp (return_residual=True)"
     return module.supports(
         ops.query, ops.key, ops.value,
         bias=ops.bias, mask=ops.mask, dropout_rate=opts.dropout_rate, logits_soft_cap=opts.logits_soft_cap,
