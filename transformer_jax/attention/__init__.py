@@ -187,8 +187,9 @@ def select_implementation(
          Pallas kernel's `supports()` accepts it.
       2. On TPU: "pallas" (jax's splash-attention kernel) if it accepts the call and
          q_len * kv_len > dispatch.REFERENCE_MAX_SCORES.
-      3. "reference" if q_len * kv_len <= dispatch.REFERENCE_MAX_SCORES (128 * 128:
-         where blockwise stopped losing on CPU), else "blockwise".
+      3. Complex inputs: "reference".
+      4. "reference" if q_len * kv_len <= dispatch.REFERENCE_MAX_SCORES (128 * 128,
+         measured forward and forward+backward on CPU), else "blockwise".
     See `transformer_jax.attention.dispatch` for the measurements behind them.
     """
     kwargs.pop("module", None)
