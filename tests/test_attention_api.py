@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from transformer_jax.attention import dot_product_attention, masks, select_implementation
+from transformer_jax.attention import dot_product_attention, flax_attention_fn, masks, select_implementation
 from transformer_jax.attention.dispatch import REFERENCE_MAX_SCORES
 from transformer_jax.attention.pallas_tuning import BlockSizes
 
@@ -84,7 +84,7 @@ def test_grad_through_vmap_matches_batched():
 def test_flax_attention_fn_matches_flax_default():
     x = normal(0, (2, 6, 16))
     mask = nn.make_causal_mask(jnp.ones((2, 6)))
-    ours = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=dot_product_attention)
+    ours = nn.MultiHeadDotProductAttention(num_heads=4, attention_fn=flax_attention_fn)
     theirs = nn.MultiHeadDotProductAttention(num_heads=4)
     params = theirs.init(jax.random.key(1), x, mask=mask)
     np.testing.assert_allclose(ours.apply(params, x, mask=mask), theirs.apply(params, x, mask=mask),
@@ -147,7 +147,8 @@ BAD_CALLS = {
     "dropout rate": (dict(dropout_rate=1.0), ValueError, "dropout_rate"),
     "dropout rng": (dict(dropout_rate=0.1, deterministic=False), ValueError, "dropout_rng"),
     "deterministic": (dict(dropout_rate=0.1, deterministic=None), ValueError, "deterministic"),
-    "empty": (dict(query=Q[:, :0]), ValueError, "q_len"),
+    "float mask": (dict(mask=jnp.ones((5, 7))), TypeError, "mask must be boolean"),
+    "scale vector": (dict(scale=jnp.ones(2)), TypeError, "scale"),
 }
 
 
@@ -222,3 +223,20 @@ def test_blockwise_memory_is_linear():
     doubled = _temp_bytes("blockwise", 32768)
     assert blockwise * 50 <= reference, (blockwise, reference)
     assert doubled <= 2 * blockwise * 1.1, (blockwise, doubled)
+
+
+def test_xla_needs_no_more_temporary_memory_than_jax_nn():
+    """Compiled temp bytes of implementation="xla" vs jax.nn itself: equal without a dense
+    mask (no log-sum-exp is asked for); with one, only the [B, T] row flags on top."""
+    q = jax.ShapeDtypeStruct((2, 256, 4, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((2, 1, 256, 256), jnp.bool_)
+
+    def temp(f, *args):
+        return jax.jit(f).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    for kwargs in ({}, {"is_causal": True}):
+        ours = temp(lambda q, k, v: dot_product_attention(q, k, v, implementation="xla", **kwargs), q, q, q)
+        assert ours <= temp(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, **kwargs), q, q, q), kwargs
+    ours = temp(lambda q, k, v, m: dot_product_attention(q, k, v, mask=m, implementation="xla"), q, q, q, mask)
+    theirs = temp(lambda q, k, v, m: jax.nn.dot_product_attention(q, k, v, mask=m), q, q, q, mask)
+    assert ours <= theirs + 2 * 256

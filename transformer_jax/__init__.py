@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     # attention
     "dot_product_attention": "transformer_jax.attention",
+    "flax_attention_fn": "transformer_jax.attention",
     "select_implementation": "transformer_jax.attention",
     "Selection": "transformer_jax.attention",
     # configs

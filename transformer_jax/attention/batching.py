@@ -23,8 +23,9 @@ def lift(
     mask: jax.Array | None,
     seq: SequenceInfo,
     seeds: jax.Array | None,
-) -> jax.Array:
-    """Apply `per_head(q, k, v, bias, mask, seq, seed)` to every (batch, head).
+) -> tuple[jax.Array, jax.Array]:
+    """Apply `per_head(q, k, v, bias, mask, seq, seed) -> (out [T, d], lse [T])` to every
+    (batch, head).
 
     Args:
       query: [B, T, N, d]; key, value: [B, S, K, d] with N % K == 0.
@@ -32,7 +33,7 @@ def lift(
       seq: SequenceInfo with lengths [B] and segment ids [B, T] / [B, S] (or None).
       seeds: uint32 [2] (one dropout mask for all), [B, N, 2] (one per head), or None.
     Returns:
-      [B, T, N, d].
+      out [B, T, N, d] and lse [B, T, N].
     """
     b, t, n, d = query.shape
     kv_heads = key.shape[2]
@@ -52,8 +53,8 @@ def lift(
     fn = per_head
     for level in (2, 1, 0):  # innermost vmap first: groups, kv heads, batch
         fn = jax.vmap(fn, in_axes=tuple(0 if mapped[level] else None for _, mapped in args))
-    out = fn(*(x for x, _ in args))  # [B, K, G, T, d]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d)
+    out, lse = fn(*(x for x, _ in args))  # [B, K, G, T, d], [B, K, G, T]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, out.shape[-1]), lse.transpose(0, 3, 1, 2).reshape(b, t, n)
 
 
 def _per_head_operand(x, b, n, kv_heads, groups):

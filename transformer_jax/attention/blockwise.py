@@ -77,7 +77,8 @@ def attend(
       block_sizes: (block_q, block_k), clipped to the sequence lengths; default
         `default_block_sizes()`.
     Returns:
-      [T, d] in q's dtype.
+      out [T, d] in q's dtype and the per-row log-sum-exp [T] (`masks.lowest` on rows with
+      nothing to attend to; not differentiated).
     """
     t, s = q.shape[0], k.shape[0]
     block_q, block_k = block_sizes or default_block_sizes()
@@ -92,8 +93,8 @@ def attend(
     mask = None if mask is None else pad(jnp.broadcast_to(mask, (t, s)), t_pad, s_pad)
     seq = seq._replace(q_ids=pad(seq.q_ids, t_pad), kv_ids=pad(seq.kv_ids, s_pad))
     config = _Config(scale, is_causal, window, logits_soft_cap, dropout_rate, block_q, block_k, t, s, precision)
-    out = _attention(config, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias, mask, seq, seed)
-    return out[:t]
+    out, lse = _attention(config, pad(q, t_pad), pad(k, s_pad), pad(v, s_pad), bias, mask, seq, seed)
+    return out[:t], lse[:t]
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -101,18 +102,23 @@ def _attention(config, q, k, v, bias, mask, seq, seed):
     return _forward(config, q, k, v, bias, mask, seq, seed)[0]
 
 
+def _stat(config_or_dtype):
+    return masks.stat_dtype(config_or_dtype)
+
+
 def _scores(config: _Config, q_blk, k_blk, bias, mask, seq, qi, kj):
     """Masked float32 logits of block (qi, kj), and tanh(logits / cap) for the backward."""
     bq, bk = config.block_q, config.block_k
     q0, k0 = qi * bq, kj * bk
-    s = jnp.einsum("qd,kd->qk", q_blk, k_blk, precision=config.precision, preferred_element_type=jnp.float32)
-    s = s * config.scale
+    stat = _stat(q_blk.dtype)
+    s = jnp.einsum("qd,kd->qk", q_blk, k_blk, precision=config.precision, preferred_element_type=stat)
+    s = s * jnp.asarray(config.scale, stat)
     tanh = None
     if config.logits_soft_cap is not None:
         tanh = jnp.tanh(s / config.logits_soft_cap)
         s = config.logits_soft_cap * tanh
     if bias is not None:
-        s = s + jax.lax.dynamic_slice(bias, (q0, k0), (bq, bk)).astype(jnp.float32)
+        s = s + jax.lax.dynamic_slice(bias, (q0, k0), (bq, bk)).astype(stat)
     if seq.q_ids is not None:
         seq = seq._replace(
             q_ids=jax.lax.dynamic_slice_in_dim(seq.q_ids, q0, bq),
@@ -120,7 +126,7 @@ def _scores(config: _Config, q_blk, k_blk, bias, mask, seq, qi, kj):
         )
     dense = None if mask is None else jax.lax.dynamic_slice(mask, (q0, k0), (bq, bk))
     keep = masks.allowed(
-        q0 + jnp.arange(bq), k0 + jnp.arange(bk), seq, dense,
+        q0 + jnp.arange(bq, dtype=jnp.int32), k0 + jnp.arange(bk, dtype=jnp.int32), seq, dense,
         is_causal=config.is_causal, window=config.window,
         kv_total=config.kv_len if config.kv_len % bk else None,
     )
@@ -131,14 +137,15 @@ def _scores(config: _Config, q_blk, k_blk, bias, mask, seq, qi, kj):
 
 def _dropout(config: _Config, seed, qi, kj):
     """This block's keep-mask: a function of absolute positions only (see masks.dropout_keep)."""
-    q_pos = qi * config.block_q + jnp.arange(config.block_q)
-    k_pos = kj * config.block_k + jnp.arange(config.block_k)
+    q_pos = qi * config.block_q + jnp.arange(config.block_q, dtype=jnp.int32)
+    k_pos = kj * config.block_k + jnp.arange(config.block_k, dtype=jnp.int32)
     return masks.dropout_keep(seed, q_pos, k_pos, config.dropout_rate)
 
 
 def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
     bq, bk = config.block_q, config.block_k
     num_q = q.shape[0] // bq
+    stat = _stat(q.dtype)
 
     def query_block(qi):
         q_blk = jax.lax.dynamic_slice_in_dim(q, qi * bq, bq)
@@ -158,31 +165,34 @@ def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
                 p = jnp.where(_dropout(config, seed, qi, kj), p / (1.0 - config.dropout_rate), 0.0)
             pv = jnp.einsum(
                 "qk,kd->qd", p.astype(v.dtype), v_blk,
-                precision=config.precision, preferred_element_type=jnp.float32,
+                precision=config.precision, preferred_element_type=stat,
             )
             return new_max, row_sum, rescale[:, None] * acc + pv
 
         lo, hi = masks.key_block_range(
             qi, bq, bk, config.q_len, config.kv_len, is_causal=config.is_causal, window=config.window
         )
-        init = (jnp.full((bq,), -jnp.inf), jnp.zeros((bq,)), jnp.zeros((bq, v.shape[1])))
+        lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)  # int32 block ids also under x64
+        init = (jnp.full((bq,), -jnp.inf, stat), jnp.zeros((bq,), stat), jnp.zeros((bq, v.shape[1]), stat))
         row_max, row_sum, acc = jax.lax.fori_loop(lo, hi, key_step, init)
         empty = row_sum == 0.0  # nothing to attend to: output 0
         out = acc / jnp.where(empty, 1.0, row_sum)[:, None]
-        lse = jnp.where(empty, 0.0, row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
+        lse = jnp.where(empty, masks.lowest(stat), row_max + jnp.log(jnp.where(empty, 1.0, row_sum)))
         return out.astype(q.dtype), lse
 
-    out, lse = jax.lax.map(query_block, jnp.arange(num_q))
+    out, lse = jax.lax.map(query_block, jnp.arange(num_q, dtype=jnp.int32))
     out, lse = out.reshape(q.shape[0], v.shape[1]), lse.reshape(q.shape[0])
-    return out, (q, k, v, bias, mask, seq, seed, out, lse)
+    return (out, lse), (q, k, v, bias, mask, seq, seed, out, lse)
 
 
-def _backward(config: _Config, residuals, d_out):
+def _backward(config: _Config, residuals, cotangents):
     q, k, v, bias, mask, seq, seed, out, lse = residuals
+    d_out = cotangents[0]  # the log-sum-exp is returned as a residual, not differentiated
     bq, bk = config.block_q, config.block_k
     num_k = k.shape[0] // bk
+    stat = _stat(q.dtype)
     # D_i = dO_i . O_i: the row term of the softmax Jacobian (FlashAttention-2, eq. for dS).
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    delta = jnp.sum(d_out.astype(stat) * out.astype(stat), axis=-1)
 
     def key_block(carry, kj):
         k_blk = jax.lax.dynamic_slice_in_dim(k, kj * bk, bk)
@@ -194,7 +204,7 @@ def _backward(config: _Config, residuals, d_out):
             q_blk, do_blk = rows(q), rows(d_out)
             s, tanh = _scores(config, q_blk, k_blk, bias, mask, seq, qi, kj)
             p = jnp.exp(s - rows(lse)[:, None])
-            dp = jnp.einsum("qd,kd->qk", do_blk, v_blk, precision=config.precision, preferred_element_type=jnp.float32)
+            dp = jnp.einsum("qd,kd->qk", do_blk, v_blk, precision=config.precision, preferred_element_type=stat)
             p_used = p
             if seed is not None:
                 keep = _dropout(config, seed, qi, kj)
@@ -202,19 +212,19 @@ def _backward(config: _Config, residuals, d_out):
                 dp = jnp.where(keep, dp / (1.0 - config.dropout_rate), 0.0)
             dv = dv + jnp.einsum(
                 "qk,qd->kd", p_used.astype(do_blk.dtype), do_blk,
-                precision=config.precision, preferred_element_type=jnp.float32,
+                precision=config.precision, preferred_element_type=stat,
             )
             ds = p * (dp - rows(delta)[:, None])  # gradient w.r.t. the biased logits
             if d_bias is not None:
                 d_bias = jax.lax.dynamic_update_slice(d_bias, ds, (qi * bq, kj * bk))
             if tanh is not None:
                 ds = ds * (1.0 - tanh * tanh)
-            ds = ds * config.scale
+            ds = ds * jnp.asarray(config.scale, stat)
             dk = dk + jnp.einsum(
-                "qk,qd->kd", ds.astype(q.dtype), q_blk, precision=config.precision, preferred_element_type=jnp.float32
+                "qk,qd->kd", ds.astype(q.dtype), q_blk, precision=config.precision, preferred_element_type=stat
             )
             dq_blk = rows(dq) + jnp.einsum(
-                "qk,kd->qd", ds.astype(k.dtype), k_blk, precision=config.precision, preferred_element_type=jnp.float32
+                "qk,kd->qd", ds.astype(k.dtype), k_blk, precision=config.precision, preferred_element_type=stat
             )
             dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_blk, qi * bq, axis=0)
             return dk, dv, dq, d_bias
@@ -222,14 +232,15 @@ def _backward(config: _Config, residuals, d_out):
         lo, hi = masks.query_block_range(
             kj, bq, bk, config.q_len, config.kv_len, is_causal=config.is_causal, window=config.window
         )
+        lo, hi = jnp.asarray(lo, jnp.int32), jnp.asarray(hi, jnp.int32)
         dq, d_bias = carry
-        zeros = jnp.zeros((bk, k.shape[1]), jnp.float32)
+        zeros = jnp.zeros((bk, k.shape[1]), stat)
         dk, dv, dq, d_bias = jax.lax.fori_loop(lo, hi, query_step, (zeros, zeros, dq, d_bias))
         return (dq, d_bias), (dk, dv)
 
-    d_bias = None if bias is None else jnp.zeros(bias.shape, jnp.float32)
-    init = (jnp.zeros(q.shape, jnp.float32), d_bias)
-    (dq, d_bias), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(num_k))
+    d_bias = None if bias is None else jnp.zeros(bias.shape, stat)
+    init = (jnp.zeros(q.shape, stat), d_bias)
+    (dq, d_bias), (dk, dv) = jax.lax.scan(key_block, init, jnp.arange(num_k, dtype=jnp.int32))
     dk, dv = dk.reshape(k.shape), dv.reshape(v.shape)
     d_bias = None if bias is None else d_bias.astype(bias.dtype)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), d_bias, None, None, None

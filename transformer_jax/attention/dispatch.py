@@ -8,13 +8,20 @@ Auto rules (implementation=None), in order:
      call and the score matrix is larger than REFERENCE_MAX_SCORES. Not measured (no
      TPU was available); chosen because splash is the fused kernel TPU training stacks
      use, where blockwise would be a sequential XLA loop.
-  3. "reference" while one head's score matrix is small (q_len * kv_len <=
-     REFERENCE_MAX_SCORES = 128 * 128), else "blockwise". Measured with
-     benchmarks/attention.py on the project's shared 2-core CPU (2026-11-22, float32,
-     4 heads, d=64, noisy): at 128 the two are even (each won half the cases), from 256
-     on blockwise's forward+backward was 1.5-5x faster and its forward no slower. The same
-     threshold is used on GPU, where it is not yet measured. KV-cache decoding (q_len 1
-     against kv_len <= 16384) stays on the cheap reference path.
+  3. Complex inputs: "reference" (the only one of ours that takes them).
+  4. "reference" while one head's score matrix is small (q_len * kv_len <=
+     REFERENCE_MAX_SCORES = 128 * 128), else "blockwise". First set from forward timings
+     (2026-11-22). Re-measured 2026-11-30 after the reference got its written-out backward,
+     forward and forward+backward separately (benchmarks/attention.py, one core, one
+     thread; benchmarks/RESULTS.md, "Attention auto choice"): at the training shape of
+     issue 17 (batch 32, 4 heads, d=32, n=128, causal) the reference is now the fastest
+     forward+backward (206 ms against xla 255 and blockwise 290) and even with blockwise
+     forward; from n=512 (and at 1024-2048) blockwise wins both. Between (n=256) the
+     machine's noise (a shared, loaded 2-core VM) exceeded the differences, so the
+     threshold stays. A trace cannot tell whether it will be differentiated, so one
+     threshold serves both; the measurements say it is right for both at the shapes
+     measured. Not yet measured on GPU. KV-cache decoding (q_len 1 against
+     kv_len <= 16384) stays on the cheap reference path.
 A named implementation that cannot serve the call raises ValueError; it never falls back.
 """
 from __future__ import annotations
@@ -23,6 +30,7 @@ import importlib
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 
 from transformer_jax.attention import jax_nn
 from transformer_jax.attention.arguments import IMPLEMENTATIONS, Operands, Options
@@ -63,6 +71,8 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
         if pallas is None:
             return Selection("pallas", f"GPU; cudnn unusable ({cudnn}), the Pallas kernel supports the call")
 
+    if jnp.iscomplexobj(ops.query):
+        return Selection("reference", "complex inputs: of ours, only reference (and xla) take them")
     scores = ops.query.shape[1] * ops.key.shape[1]
     if jax.default_backend() == "tpu" and scores > REFERENCE_MAX_SCORES:
         pallas = unsupported_reason(ops, opts, "pallas")
@@ -70,12 +80,17 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
             return Selection("pallas", f"TPU, score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}, "
                                        f"and the splash kernel supports the call")
     if scores <= REFERENCE_MAX_SCORES:
-        return Selection("reference", f"score matrix q_len*kv_len = {scores} <= {REFERENCE_MAX_SCORES}")
-    return Selection("blockwise", f"score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}")
+        return Selection("reference", f"score matrix q_len*kv_len = {scores} <= {REFERENCE_MAX_SCORES}, where the "
+                                      f"reference was fastest on CPU, forward and forward+backward")
+    return Selection("blockwise", f"score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}, where blockwise "
+                                  f"was fastest on CPU (from n=512), forward and forward+backward")
 
 
 def unsupported_reason(ops: Operands, opts: Options, implementation: str) -> str | None:
     """None if `implementation` can serve the call on this platform, else the reason."""
+    if jnp.iscomplexobj(ops.query) and implementation not in ("reference", "xla"):
+        return (f"complex inputs ({ops.query.dtype}) are supported by 'reference' and 'xla' only, "
+                f"not by {implementation!r}")
     if implementation in ("xla", "cudnn"):
         return jax_nn.unsupported_reason(ops, opts, implementation)
     if implementation == "pallas":
@@ -97,6 +112,8 @@ def _pallas_reason(ops: Operands, opts: Options) -> str | None:
         return f"the Pallas kernel is unavailable ({e})"
     if opts.precision is not None:
         return "the Pallas kernel takes no precision argument"
+    if opts.return_residual:
+        return "the Pallas kernel does not return the log-sum-exp (return_residual=True)"
     return module.supports(
         ops.query, ops.key, ops.value,
         bias=ops.bias, mask=ops.mask, dropout_rate=opts.dropout_rate, logits_soft_cap=opts.logits_soft_cap,

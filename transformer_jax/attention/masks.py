@@ -15,6 +15,20 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+
+def stat_dtype(dtype) -> np.dtype:
+    """The real dtype softmax statistics are kept in for inputs of `dtype`: float32 for
+    16-bit and 32-bit inputs, float64 for float64 (as jax.nn's logits), the real part's
+    dtype for complex inputs."""
+    return jnp.finfo(jnp.promote_types(dtype, jnp.float32)).dtype
+
+
+def lowest(dtype) -> float:
+    """The most negative finite value of `dtype`: stands in for -inf (log 0) wherever an
+    infinity would trip `jax_debug_infs`."""
+    return float(jnp.finfo(dtype).min)
 
 
 class SequenceInfo(NamedTuple):

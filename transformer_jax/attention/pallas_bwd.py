@@ -15,7 +15,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from transformer_jax.attention.pallas_fwd import MaskSpec, clamp_ranges, cdiv, kv_tile_ranges, tile_logits, tile_loop
+from transformer_jax.attention.pallas_fwd import (
+    MaskSpec, cdiv, clamp_ranges, idiv, kv_tile_ranges, tile_logits, tile_loop,
+)
 from transformer_jax.attention.pallas_tuning import BlockSizes
 
 
@@ -25,14 +27,14 @@ def q_tile_ranges(k_start, block_k: int, block_q: int, q_len, kv_len, spec: Mask
     The transpose of `pallas_fwd.kv_tile_ranges`: tiles outside [lo, hi) see none of these
     keys; tiles in [full_lo, full_hi) see all of them with every query.
     """
-    lo, hi, full_hi = jnp.int32(0), cdiv(q_len, block_q), lax.div(q_len, block_q)
+    lo, hi, full_hi = jnp.int32(0), cdiv(q_len, block_q), idiv(q_len, block_q)
     full_lo = lo
     if spec.right is not None:  # queries i >= j - right
-        lo = lax.div(jnp.maximum(k_start - spec.right, 0), block_q)
+        lo = idiv(jnp.maximum(k_start - spec.right, 0), block_q)
         full_lo = cdiv(jnp.maximum(k_start + block_k - 1 - spec.right, 0), block_q)
     if spec.left is not None:  # queries i <= j + left
         hi = jnp.minimum(hi, cdiv(jnp.maximum(k_start + block_k + spec.left, 0), block_q))
-        full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(k_start + spec.left + 1, 0), block_q))
+        full_hi = jnp.minimum(full_hi, idiv(jnp.maximum(k_start + spec.left + 1, 0), block_q))
     hi = jnp.where(k_start < kv_len, hi, lo)
     if spec.has_segments:
         full_hi = lo

@@ -55,8 +55,8 @@ def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: Mask
         s = t * (spec.soft_cap * LOG2_E)
     if not masked:
         return s, t
-    q_pos = (q_start + jnp.arange(q.shape[0]))[:, None]
-    k_pos = (k_start + jnp.arange(k.shape[0]))[None, :]
+    q_pos = (q_start + jnp.arange(q.shape[0], dtype=jnp.int32))[:, None]
+    k_pos = (k_start + jnp.arange(k.shape[0], dtype=jnp.int32))[None, :]
     mask = (q_pos < q_len) & (k_pos < kv_len)
     if spec.left is not None:
         mask &= k_pos >= q_pos - spec.left
@@ -69,7 +69,12 @@ def tile_logits(q, k, q_start, k_start, q_len, kv_len, q_seg, kv_seg, spec: Mask
 
 def cdiv(a, b: int):
     """Ceil division of a non-negative traced int32 by a static int (// does not lower here)."""
-    return lax.div(a + (b - 1), b)
+    return idiv(a + (b - 1), b)
+
+
+def idiv(a, b: int):
+    """lax.div of an int32 by a static int, typed int32 (a Python int is int64 under x64)."""
+    return lax.div(a, jnp.asarray(b, jnp.int32))
 
 
 def kv_tile_ranges(q_start, block_q: int, block_k: int, q_len, kv_len, spec: MaskSpec):
@@ -79,14 +84,14 @@ def kv_tile_ranges(q_start, block_q: int, block_k: int, q_len, kv_len, spec: Mas
     keys past kv_len, everything when the query tile is past q_len). Tiles in
     [full_lo, full_hi) are visible to every query of the tile and skip the mask.
     """
-    lo, hi, full_hi = jnp.int32(0), cdiv(kv_len, block_k), lax.div(kv_len, block_k)
+    lo, hi, full_hi = jnp.int32(0), cdiv(kv_len, block_k), idiv(kv_len, block_k)
     full_lo = lo
     if spec.left is not None:  # keys j >= i - left
-        lo = lax.div(jnp.maximum(q_start - spec.left, 0), block_k)
+        lo = idiv(jnp.maximum(q_start - spec.left, 0), block_k)
         full_lo = cdiv(jnp.maximum(q_start + block_q - 1 - spec.left, 0), block_k)
     if spec.right is not None:  # keys j <= i + right
         hi = jnp.minimum(hi, cdiv(jnp.maximum(q_start + block_q + spec.right, 0), block_k))
-        full_hi = jnp.minimum(full_hi, lax.div(jnp.maximum(q_start + spec.right + 1, 0), block_k))
+        full_hi = jnp.minimum(full_hi, idiv(jnp.maximum(q_start + spec.right + 1, 0), block_k))
     hi = jnp.where(q_start < q_len, hi, lo)
     if spec.has_segments:  # ids can mask any pair
         full_hi = lo

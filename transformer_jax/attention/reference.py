@@ -3,13 +3,38 @@
 O(q_len * kv_len) memory: the whole score matrix is built. It is the yardstick the other
 implementations are tested against, and the fastest choice for small score matrices
 (KV-cache decoding, short sequences). `batching.lift` maps it over heads and batch.
+
+The backward pass is written out (`jax.custom_vjp`) rather than derived by autodiff from
+the forward's `exp / sum`: with the probabilities P = exp(...) * (1 / sum) saved as their
+two factors (the forward divides the [T, d] output, not the [T, S] matrix), the gradient is
+dS = P * (dP - rowsum(dO * O)), whose row term is a reduction over head_dim instead of
+the kv_len-long reductions and mask selects autodiff emits for the normalisation. It is
+the same O(n^2) algorithm and exact (not the online softmax of `blockwise`).
+Complex inputs (supported, as in jax.nn's XLA path: softmax of the real part of q.k)
+are differentiated by autodiff through the same forward.
 """
 from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from transformer_jax.attention import masks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static description of one call (hashable: a custom_vjp non-differentiable arg)."""
+
+    scale: float
+    is_causal: bool
+    window: tuple[int, int] | None
+    logits_soft_cap: float | None
+    dropout_rate: float
+    precision: Any
 
 
 def attend(
@@ -27,40 +52,130 @@ def attend(
     logits_soft_cap: float | None,
     dropout_rate: float,
     precision=None,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
     """Attention of one head of one sequence.
 
     Args:
-      q: [T, d]; k, v: [S, d] (same floating dtype).
+      q: [T, d]; k, v: [S, d] (same floating or complex dtype).
       bias: float, broadcastable to [T, S], or None. mask: bool, broadcastable to [T, S].
       seq: sequence lengths / segment ids of this sequence (full length ids).
       seed: uint32 [2] dropout seed, or None for no dropout.
     Returns:
-      [T, d] in q's dtype. Rows with nothing to attend to are zero.
+      out [T, d] in q's dtype (rows with nothing to attend to are zero) and the log-sum-exp
+      of each row's logits [T] in `masks.stat_dtype` (`masks.lowest` on empty rows), not
+      differentiated.
     """
-    t, s = q.shape[0], k.shape[0]
-    logits = jnp.einsum("td,sd->ts", q, k, precision=precision, preferred_element_type=jnp.float32)
-    logits = logits * scale
-    if logits_soft_cap is not None:
-        logits = logits_soft_cap * jnp.tanh(logits / logits_soft_cap)
+    config = _Config(scale, is_causal, window, logits_soft_cap, dropout_rate, precision)
+    if jnp.iscomplexobj(q):
+        out, lse, _ = _forward(config, q, k, v, bias, mask, seq, seed)
+        return out.astype(q.dtype), jax.lax.stop_gradient(lse)  # autodiff through the forward
+    return _attention(config, q, k, v, bias, mask, seq, seed)
+
+
+def probabilities(q, k, bias, mask, seq, *, scale, is_causal, window, logits_soft_cap, precision=None):
+    """The attention weights [T, S] (before dropout) of one head, in `masks.stat_dtype`."""
+    config = _Config(scale, is_causal, window, logits_soft_cap, 0.0, precision)
+    unnormalised, inv_total, _, _ = _softmax(config, q, k, bias, mask, seq)
+    return unnormalised * inv_total
+
+
+def _softmax(config: _Config, q, k, bias, mask, seq):
+    """(unnormalised [T, S], 1 / row sum [T, 1], lse [T], tanh of the capped logits or None).
+
+    The probabilities are unnormalised * (1 / row sum); the forward applies the division
+    to the [T, d] output instead of the [T, S] matrix. Masked entries never hold an
+    infinity: they are excluded from the row max by a finite stand-in and get weight
+    exactly 0, so `jax_debug_infs` stays quiet. A row has nothing to attend to exactly when
+    the boolean masks leave it no key (then its sum is 0; otherwise the sum is >= 1); the
+    bias's values never decide it.
+    """
+    stat = masks.stat_dtype(q.dtype)
+    acc = jnp.promote_types(q.dtype, stat)  # complex inputs: a complex product, then its real part
+    logits = jnp.einsum("td,sd->ts", q, k, precision=config.precision, preferred_element_type=acc)
+    logits = jnp.real(logits).astype(stat) * jnp.asarray(config.scale, stat)
+    tanh = None
+    if config.logits_soft_cap is not None:
+        tanh = jnp.tanh(logits / config.logits_soft_cap)
+        logits = config.logits_soft_cap * tanh
     if bias is not None:
-        logits = logits + bias.astype(jnp.float32)
-    keep = masks.allowed(jnp.arange(t), jnp.arange(s), seq, mask, is_causal=is_causal, window=window)
-    if keep is not None:
-        logits = jnp.where(keep, logits, -jnp.inf)
-
-    # Shift by the row max for stability; a fully masked row has max -inf: shift by 0
-    # instead, so its exp() is exactly 0 and its output 0 rather than NaN.
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    unnormalised = jnp.exp(logits - row_max)
+        logits = logits + jnp.real(bias).astype(stat)
+    t, s = q.shape[0], k.shape[0]
+    keep = masks.allowed(jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32), seq, mask,
+                         is_causal=config.is_causal, window=config.window)
+    lowest = masks.lowest(stat)
+    if keep is None:
+        row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        unnormalised = jnp.exp(logits - row_max)
+    else:
+        masked = jnp.where(keep, logits, lowest)
+        row_max = jax.lax.stop_gradient(jnp.max(masked, axis=-1, keepdims=True))
+        unnormalised = jnp.exp(jnp.where(keep, masked - row_max, lowest))  # exp(lowest) == 0
     total = jnp.sum(unnormalised, axis=-1, keepdims=True)
-    probs = unnormalised / jnp.where(total == 0.0, 1.0, total)
-    if seed is not None:
-        drop_keep = masks.dropout_keep(seed, jnp.arange(t), jnp.arange(s), dropout_rate)
-        probs = jnp.where(drop_keep, probs / (1.0 - dropout_rate), 0.0)
+    empty = total == 0.0
+    inv_total = 1.0 / jnp.where(empty, 1.0, total)
+    lse = jnp.where(empty, lowest, row_max + jnp.log(jnp.where(empty, 1.0, total)))[:, 0]
+    return unnormalised, inv_total, lse, tanh
 
-    out = jnp.einsum(
-        "ts,sd->td", probs.astype(v.dtype), v, precision=precision, preferred_element_type=jnp.float32
-    )
-    return out.astype(q.dtype)
+
+def _dropped(config: _Config, weights, seed):
+    """The weights after dropout (kept ones scaled by 1 / (1 - rate)) and the keep mask."""
+    if seed is None:
+        return weights, None
+    t, s = weights.shape
+    keep = masks.dropout_keep(seed, jnp.arange(t, dtype=jnp.int32), jnp.arange(s, dtype=jnp.int32),
+                              config.dropout_rate)
+    return jnp.where(keep, weights * (1.0 / (1.0 - config.dropout_rate)), 0.0), keep
+
+
+def _forward(config: _Config, q, k, v, bias, mask, seq, seed):
+    """(out [T, d] in the accumulation dtype, lse [T], (unnormalised, 1 / row sum, tanh))."""
+    unnormalised, inv_total, lse, tanh = _softmax(config, q, k, bias, mask, seq)
+    used, _ = _dropped(config, unnormalised, seed)
+    out = jnp.einsum("ts,sd->td", used.astype(v.dtype), v, precision=config.precision,
+                     preferred_element_type=jnp.promote_types(v.dtype, masks.stat_dtype(v.dtype)))
+    return out * inv_total, lse, (unnormalised, inv_total, tanh)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(config, q, k, v, bias, mask, seq, seed):
+    out, lse, _ = _forward(config, q, k, v, bias, mask, seq, seed)
+    return out.astype(q.dtype), lse
+
+
+def _attention_fwd(config, q, k, v, bias, mask, seq, seed):
+    out, lse, (unnormalised, inv_total, tanh) = _forward(config, q, k, v, bias, mask, seq, seed)
+    return (out.astype(q.dtype), lse), (q, k, v, bias, seq, seed, unnormalised, inv_total, tanh, out)
+
+
+def _attention_bwd(config, residuals, cotangents):
+    q, k, v, bias, seq, seed, unnormalised, inv_total, tanh, out = residuals
+    d_out = cotangents[0]  # the log-sum-exp is a residual, not differentiated (as in jax.nn)
+    probs = unnormalised * inv_total
+    stat = probs.dtype
+    precision = config.precision
+    d_out_f = d_out.astype(stat)
+    d_used = jnp.einsum("td,sd->ts", d_out, v, precision=precision, preferred_element_type=stat)
+    used, keep = _dropped(config, probs, seed)
+    d_probs = d_used if keep is None else jnp.where(keep, d_used * (1.0 / (1.0 - config.dropout_rate)), 0.0)
+    d_v = jnp.einsum("ts,td->sd", used.astype(d_out.dtype), d_out, precision=precision, preferred_element_type=stat)
+    # Row term of the softmax Jacobian: sum_j P_ij dP_ij = dO_i . O_i (O includes dropout).
+    delta = jnp.sum(d_out_f * out.astype(stat), axis=-1, keepdims=True)
+    d_logits = probs * (d_probs - delta)  # 0 wherever a key is masked (P = 0 there)
+    d_bias = None
+    if bias is not None:
+        d_bias = _unbroadcast(d_logits, bias.shape).astype(bias.dtype)
+    if tanh is not None:
+        d_logits = d_logits * (1.0 - tanh * tanh)
+    d_logits = d_logits * jnp.asarray(config.scale, stat)
+    d_q = jnp.einsum("ts,sd->td", d_logits.astype(k.dtype), k, precision=precision, preferred_element_type=stat)
+    d_k = jnp.einsum("ts,td->sd", d_logits.astype(q.dtype), q, precision=precision, preferred_element_type=stat)
+    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias, None, None, None
+
+
+def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sum `x` [T, S] down to a bias's broadcastable `shape` (each dim 1 or full)."""
+    x = jnp.sum(x, axis=tuple(i for i, n in enumerate(shape) if n == 1 and x.shape[i] != 1), keepdims=True)
+    return x.reshape(shape)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
