@@ -1,0 +1,260 @@
+"""Word vectors, ours against gensim side by side on one corpus: quality (Spearman on
+WordSim353 and SimLex-999 with coverage, Google analogy accuracy) and speed (corpus words/s).
+
+    /work/venv-peers/bin/python benchmarks/word_vectors.py                     # head500, CPU
+    /work/venv-peers/bin/python benchmarks/word_vectors.py --data shakespeare
+    PYTHONPATH=. python3 benchmarks/word_vectors.py --no-gensim --batch-size 16384 \\
+        --eval-dir DIR --data DIR/head500.noblanks.cor                            # GPU
+
+Both sides get the same sentences (our tokenizer's output), dimension, window, negatives,
+min_count, subsampling threshold and epochs; gensim runs with --workers threads (default 2)
+and its defaults otherwise (alpha 0.025 -> 0.0001, cbow_mean=1). Our words/s is the whole
+training loop (jit compilation included) over corpus words x epochs, gensim's the time of
+``Word2Vec.train``. With gensim installed, the word2vec text and binary files are checked
+both ways (gensim reads ours, we read gensim's). Evaluation data and the head500 corpus
+come from gensim's wheel (gensim/test/test_data) or --eval-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from transformer_jax.word_vectors.config import WordVectorConfig  # noqa: E402
+from transformer_jax.word_vectors.keyed_vectors import KeyedVectors  # noqa: E402
+from transformer_jax.word_vectors.run import train_word_vectors  # noqa: E402
+from transformer_jax.word_vectors.vocabulary import tokenize  # noqa: E402
+
+
+def gensim_test_data() -> str | None:
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.origin:
+        return None
+    return os.path.join(os.path.dirname(spec.origin), "test", "test_data")
+
+
+def read_pairs(path: str) -> list[tuple[str, str, float]]:
+    """word1<TAB>word2<TAB>score lines; '#' comments skipped; words lower-cased."""
+    pairs = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#") or not line.strip():
+                continue
+            a, b, score = line.rstrip("\n").split("\t")[:3]
+            pairs.append((a.lower(), b.lower(), float(score)))
+    return pairs
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rho: Pearson correlation of the (tie-averaged) ranks."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v), dtype=np.float64)
+        for value in np.unique(v):  # ties share their mean rank
+            tied = v == value
+            r[tied] = r[tied].mean()
+        return r
+    return float(np.corrcoef(ranks(np.asarray(x)), ranks(np.asarray(y)))[0, 1])
+
+
+def similarity_score(kv: KeyedVectors, pairs) -> tuple[float, float]:
+    """(Spearman over the pairs whose words are both known, coverage)."""
+    known = [(a, b, s) for a, b, s in pairs if a in kv and b in kv]
+    if len(known) < 3:
+        return float("nan"), len(known) / len(pairs)
+    model = np.array([kv.similarity(a, b) for a, b, _ in known])
+    return spearman(model, np.array([s for *_, s in known])), len(known) / len(pairs)
+
+
+def analogy_score(kv: KeyedVectors, path: str) -> tuple[float, float]:
+    """3CosAdd accuracy on the Google analogies "a b c d" (d = b - a + c, a/b/c excluded)
+    over the questions whose four words are known; (accuracy, coverage)."""
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith(":") or not line.strip():
+                continue
+            questions.append(line.lower().split())
+    known = [q for q in questions if all(w in kv for w in q)]
+    if not known:
+        return float("nan"), 0.0
+    ids = np.array([[kv.index[w] for w in q] for q in known])
+    unit = kv._unit
+    correct = 0
+    for start in range(0, len(ids), 1024):
+        q = ids[start:start + 1024]
+        target = unit[q[:, 1]] - unit[q[:, 0]] + unit[q[:, 2]]
+        scores = target @ unit.T
+        rows = np.arange(len(q))[:, None]
+        scores[rows, q[:, :3]] = -np.inf
+        correct += int((scores.argmax(1) == q[:, 3]).sum())
+    return correct / len(known), len(known) / len(questions)
+
+
+def evaluate(kv: KeyedVectors, eval_dir: str | None) -> dict:
+    if eval_dir is None or not os.path.isdir(eval_dir):
+        return {}
+    out = {}
+    for name, file in (("wordsim353", "wordsim353.tsv"), ("simlex999", "simlex999.txt")):
+        path = os.path.join(eval_dir, file)
+        if os.path.isfile(path):
+            out[name], out[f"{name}_coverage"] = similarity_score(kv, read_pairs(path))
+    path = os.path.join(eval_dir, "questions-words.txt")
+    if os.path.isfile(path):
+        out["analogy"], out["analogy_coverage"] = analogy_score(kv, path)
+    return out
+
+
+def run_ours(objective: str, text: str, args, n_words: int) -> dict:
+    cfg = WordVectorConfig(
+        objective=objective, dimension=args.dimension, window=args.window, negatives=args.negatives,
+        min_count=args.min_count, sample=args.sample if objective != "glove" else 0.0,
+        epochs=args.glove_epochs if objective == "glove" else args.epochs,
+        batch_size=args.glove_batch_size if objective == "glove" else args.batch_size,
+        seed=args.seed, log_every=10**9, checkpoint_every=10**9)
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.perf_counter()
+        kv = train_word_vectors(cfg, out, text=text, progress=False)
+        total = time.perf_counter() - t0
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            last = [json.loads(line) for line in f][-1]
+    return {"kv": kv, "words_per_s": last["words_per_s"], "wall_s": total,
+            "final_loss": last["train_loss"], "epochs": cfg.epochs}
+
+
+def run_gensim(sg: int, sentences, args, n_words: int) -> dict:
+    from gensim.models import Word2Vec
+    model = Word2Vec(vector_size=args.dimension, window=args.window, negative=args.negative_gensim,
+                     min_count=args.min_count, sample=args.sample, sg=sg, hs=0,
+                     workers=args.workers, seed=args.seed)
+    model.build_vocab(sentences)
+    t0 = time.perf_counter()
+    model.train(sentences, total_examples=len(sentences), epochs=args.epochs)
+    seconds = time.perf_counter() - t0
+    g = model.wv
+    kv = KeyedVectors(list(g.index_to_key), g.vectors,
+                      np.array([g.get_vecattr(w, "count") for w in g.index_to_key]))
+    return {"kv": kv, "words_per_s": n_words * args.epochs / seconds, "wall_s": seconds,
+            "gensim_model": model, "epochs": args.epochs}
+
+
+def check_formats(ours: KeyedVectors, gensim_model) -> str:
+    """gensim reads our text and binary files exactly, and we read gensim's."""
+    from gensim.models import KeyedVectors as GensimKV
+    with tempfile.TemporaryDirectory() as d:
+        for binary in (False, True):
+            path = os.path.join(d, f"ours.{binary}")
+            ours.save_word2vec_format(path, binary=binary)
+            theirs = GensimKV.load_word2vec_format(path, binary=binary)
+            assert list(theirs.index_to_key) == ours.words, "gensim read other words"
+            assert np.array_equal(theirs.vectors, ours.vectors), "gensim read other vectors"
+            path = os.path.join(d, f"gensim.{binary}")
+            gensim_model.wv.save_word2vec_format(path, binary=binary)
+            back = KeyedVectors.load_word2vec_format(path, binary=binary)
+            assert back.words == list(gensim_model.wv.index_to_key), "we read other words"
+            assert np.array_equal(back.vectors, gensim_model.wv.vectors), "we read other vectors"
+    return "gensim reads our text and binary files and we read its: words and float32 vectors identical"
+
+
+def device_name() -> str:
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform == "cpu":
+        try:
+            out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+            model = next((line.split(":", 1)[1].strip() for line in out.splitlines()
+                          if line.startswith("Model name")), platform.processor())
+        except OSError:
+            model = platform.processor()
+        return f"CPU ({model}, {os.cpu_count()} cores)"
+    return f"{dev.platform.upper()} ({dev.device_kind})"
+
+
+def load_corpus(spec: str, eval_dir: str | None) -> str:
+    if spec == "head500":
+        if eval_dir is None:
+            raise SystemExit("--data head500 needs gensim installed or --eval-dir")
+        spec = os.path.join(eval_dir, "head500.noblanks.cor")
+    from transformer_jax.data import load_text
+    return load_text(spec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="head500", help="head500 (gensim's), shakespeare, stdlib or a path")
+    p.add_argument("--objectives", default="cbow,skipgram,glove")
+    p.add_argument("--dimension", type=int, default=100)
+    p.add_argument("--window", type=int, default=5)
+    p.add_argument("--negatives", type=int, default=5)
+    p.add_argument("--min-count", type=int, default=5)
+    p.add_argument("--sample", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--glove-epochs", type=int, default=None, help="default: --epochs")
+    p.add_argument("--batch-size", type=int, default=1024, help="word2vec centres per step")
+    p.add_argument("--glove-batch-size", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2, help="gensim's threads")
+    p.add_argument("--no-gensim", action="store_true")
+    p.add_argument("--eval-dir", default=None, help="folder with wordsim353.tsv, simlex999.txt, "
+                   "questions-words.txt (default: gensim's test_data)")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args()
+    args.negative_gensim = args.negatives
+    args.glove_epochs = args.glove_epochs or args.epochs
+    eval_dir = args.eval_dir or gensim_test_data()
+    text = load_corpus(args.data, eval_dir)
+    sentences = tokenize(text, lowercase=True)
+    n_words = sum(len(s) for s in sentences)
+    print(f"corpus {args.data}: {n_words} words in {len(sentences)} sentences; device {device_name()}",
+          flush=True)
+    rows = []
+    gensim_models = {}
+    use_gensim = not args.no_gensim and importlib.util.find_spec("gensim") is not None
+    for objective in args.objectives.split(","):
+        if use_gensim and objective in ("cbow", "skipgram"):
+            r = run_gensim(int(objective == "skipgram"), sentences, args, n_words)
+            gensim_models[objective] = r.pop("gensim_model")
+            rows.append({"model": f"gensim {objective}", **r})
+            print(f"gensim {objective}: {r['words_per_s']:.0f} words/s", flush=True)
+        r = run_ours(objective, text, args, n_words)
+        rows.append({"model": f"ours {objective}", **r})
+        print(f"ours {objective}: {r['words_per_s']:.0f} words/s", flush=True)
+    # the corpus words counted by ours are the in-vocabulary ones; gensim's count all words:
+    # state both so the ratio is read right
+    for row in rows:
+        row.update(evaluate(row["kv"], eval_dir))
+    formats = check_formats(rows[-1]["kv"] if not gensim_models else
+                            next(r["kv"] for r in rows if r["model"].startswith("ours")),
+                            next(iter(gensim_models.values()))) if gensim_models else "not checked (no gensim)"
+    date = datetime.date.today().isoformat()
+    print(f"\n{args.data}, d={args.dimension}, window={args.window}, negatives={args.negatives}, "
+          f"min_count={args.min_count}, sample={args.sample}, epochs={args.epochs} "
+          f"(GloVe {args.glove_epochs}); {device_name()}, {date}")
+    print("| model | WordSim353 ρ (coverage) | SimLex-999 ρ (coverage) | analogy acc. (coverage) | words/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        def cell(name):
+            return (f"{r[name]:.3f} ({r[name + '_coverage']:.0%})" if name in r else "n/a")
+        print(f"| {r['model']} | {cell('wordsim353')} | {cell('simlex999')} | {cell('analogy')} | "
+              f"{r['words_per_s']:,.0f} |")
+    print(f"formats: {formats}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "device": device_name(), "date": date, "formats": formats,
+                       "rows": [{k: v for k, v in r.items() if k != "kv"} for r in rows]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
