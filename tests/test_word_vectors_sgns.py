@@ -63,13 +63,13 @@ def test_encode_corpus_drops_unknown_words_and_keeps_sentences(tmp_path):
     assert isinstance(again.ids, np.memmap) and again.ids.tolist() == enc.ids.tolist()
 
 
-def _random_batch(rng, b, c, k, v, cbow):
+def _random_batch(rng, b, c, k, v, cbow, shared=False):
     centre = rng.integers(0, v, b)
     context = rng.integers(0, v, (b, c))
     context_mask = rng.random((b, c)) < 0.7
     context_mask[0] = False  # a centre without context
     neg_shape = (b, k) if cbow else (b, c, k)
-    negatives = rng.integers(0, v, neg_shape)
+    negatives = rng.integers(0, v, (b, k) if shared or cbow else neg_shape)
     negative_mask = rng.random(neg_shape) < 0.8
     if cbow:
         negative_mask &= context_mask.any(1, keepdims=True)
@@ -104,7 +104,8 @@ def _reference_update(w_in, w_out, batch, lr, cbow):
             for j in range(context.shape[1]):
                 if not cmask[i, j]:
                     continue
-                targets = [(context[i, j], 1.0)] + [(n, 0.0) for n, m in zip(neg[i, j], nmask[i, j]) if m]
+                noise = neg[i] if neg.ndim == 2 else neg[i, j]  # shared by the centre's pairs, or per pair
+                targets = [(context[i, j], 1.0)] + [(n, 0.0) for n, m in zip(noise, nmask[i, j]) if m]
                 for t, label in targets:
                     s = _sigmoid(v @ w_out[t])
                     loss -= np.log(s) if label else np.log(1 - s)
@@ -113,11 +114,11 @@ def _reference_update(w_in, w_out, batch, lr, cbow):
     return loss, w_in - lr * g_in, w_out - lr * g_out
 
 
-@pytest.mark.parametrize("cbow", [False, True])
-def test_sgd_update_matches_numpy_loss_and_gradients(cbow):
-    rng = np.random.default_rng(1 + cbow)
+@pytest.mark.parametrize("cbow,shared", [(False, False), (True, False), (False, True)])
+def test_sgd_update_matches_numpy_loss_and_gradients(cbow, shared):
+    rng = np.random.default_rng(1 + cbow + 2 * shared)
     v, d = 7, 5  # few words: repeated rows in the batch exercise the scatter-add
-    batch = _random_batch(rng, b=6, c=4, k=3, v=v, cbow=cbow)
+    batch = _random_batch(rng, b=6, c=4, k=3, v=v, cbow=cbow, shared=shared)
     params = {"input": jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float32),
               "output": jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float32)}
     new, loss, pairs = jax.jit(sgns.sgd_update, static_argnames="cbow")(params, batch, 0.1, cbow=cbow)
@@ -170,3 +171,16 @@ def test_batches_respect_window_sentences_and_noise():
     assert not (nm & ~mask[..., None]).any()
     frac5 = (np.asarray(b.negatives) == 5).mean()
     assert 0.65 < frac5 < 0.85
+
+
+def test_shared_negatives_are_one_draw_per_centre():
+    rng = np.random.default_rng(4)
+    ids, sentence = rng.integers(0, 6, 100), np.zeros(100, int)
+    data = sgns.epoch_data(ids, sentence, np.ones(6), seed=0, epoch=0)
+    cdf = sgns.noise_cdf(np.full(6, 1 / 6))
+    b = sgns.make_batch(data, cdf, 0, 0, 0, batch_size=8, window=2, negatives=3, cbow=False,
+                        shared_negatives=True)
+    assert b.negatives.shape == (8, 3) and b.negative_mask.shape == (8, 4, 3)
+    expected = (np.asarray(b.negatives)[:, None, :] != np.asarray(b.context)[..., None]) \
+        & np.asarray(b.context_mask)[..., None]
+    np.testing.assert_array_equal(np.asarray(b.negative_mask), expected)

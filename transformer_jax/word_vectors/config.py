@@ -18,7 +18,9 @@ class WordVectorConfig:
     objective: "cbow", "skipgram" or "glove".
     dimension: vector width d. window: maximum distance of a context word (word2vec draws
     a window in 1..window per centre; GloVe counts pairs up to it, weighted 1/distance).
-    negatives: noise words per positive pair (word2vec). min_count: rarer words are dropped.
+    negatives: noise words per positive pair (word2vec). shared_negatives: skip-gram draws
+    one set of ``negatives`` per centre for all its context pairs (faster; word2vec draws
+    per pair). min_count: rarer words are dropped.
     sample: subsampling threshold (Mikolov's; 0 = off; word2vec only).
     epochs: passes over the corpus (word2vec) or over the co-occurrence entries (GloVe).
     x_max, power: GloVe's weighting f(x) = min(1, (x / x_max)^power).
@@ -35,6 +37,7 @@ class WordVectorConfig:
     dimension: int = 100
     window: int = 5
     negatives: int = 5
+    shared_negatives: bool = False
     min_count: int = 5
     sample: float = 1e-3
     epochs: int = 5
@@ -68,8 +71,9 @@ class WordVectorConfig:
         if self.learning_rate is not None and (
                 not isinstance(self.learning_rate, (int, float)) or not self.learning_rate > 0):
             raise ValueError(f"learning_rate={self.learning_rate!r}: expected a positive float or None")
-        if not isinstance(self.lowercase, bool):
-            raise TypeError(f"lowercase={self.lowercase!r}: expected a bool")
+        for name in ("lowercase", "shared_negatives"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r}: expected a bool")
 
     @property
     def lr(self) -> float:

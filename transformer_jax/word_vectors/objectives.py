@@ -101,7 +101,8 @@ class Word2Vec:
         def step(state: TrainState, data: sgns.EpochData):
             batch = sgns.make_batch(data, cdf, config.seed, state.step, state.step % spe,
                                     batch_size=config.batch_size, window=config.window,
-                                    negatives=config.negatives, cbow=self.cbow)
+                                    negatives=config.negatives, cbow=self.cbow,
+                                    shared_negatives=config.shared_negatives)
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             lr = sgns.linear_decay(state.step, total, alpha, min_alpha)
