@@ -102,7 +102,8 @@ def _summarise(pending: list[dict], step: int, epoch: int, prepared, seconds: fl
     return {"step": step, "epoch": epoch,
             "train_loss": totals["loss_sum"] / max(totals["pairs"], 1.0),
             "learning_rate": float(pending[-1]["learning_rate"]),
-            "words_per_s": prepared.words_per_step * steps / max(seconds, 1e-9)}
+            "words_per_s": prepared.words_per_step * steps / max(seconds, 1e-9),
+            "elapsed_s": seconds}
 
 
 def _check_config(config: WordVectorConfig, out_dir: str) -> None:
