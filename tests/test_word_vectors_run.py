@@ -7,7 +7,7 @@ import pytest
 
 from transformer_jax.word_vectors.config import WordVectorConfig
 from transformer_jax.word_vectors.keyed_vectors import KeyedVectors
-from transformer_jax.word_vectors.run import train_word_vectors
+from transformer_jax.word_vectors.run import load_word_vectors, train_word_vectors
 
 
 def planted_corpus(seed=0, sentences=1500):
@@ -38,9 +38,10 @@ def test_learned_vectors_separate_the_planted_groups(tmp_path, objective):
                            learning_rate=0.05, log_every=10)
     kv = train_word_vectors(cfg, tmp_path, text=planted_corpus(), progress=False)
     assert _separation(kv) > 0.5
-    back = KeyedVectors.load_word2vec_format(tmp_path / "vectors.txt")
+    back = load_word_vectors(tmp_path)
     assert back.words == kv.words
     np.testing.assert_array_equal(back.vectors, kv.vectors)
+    np.testing.assert_array_equal(back.counts, kv.counts)
     assert os.path.isfile(tmp_path / "metrics.jsonl") and os.path.isfile(tmp_path / "vocab.txt")
 
 

@@ -156,3 +156,18 @@ class _StopSignals:
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():
             signal.signal(s, handler)
+
+
+def load_word_vectors(out_dir: str | os.PathLike) -> KeyedVectors:
+    """The vectors of a finished run: ``vectors.txt`` with the counts of ``vocab.txt``."""
+    out_dir = os.fspath(out_dir)
+    path = os.path.join(out_dir, VECTORS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {VECTORS_FILE} in {out_dir}: the run has not finished its epochs")
+    kv = KeyedVectors.load_word2vec_format(path)
+    counts_path = os.path.join(out_dir, VOCAB_FILE)
+    if os.path.isfile(counts_path):
+        with open(counts_path, encoding="utf-8") as f:
+            counts = dict(line.split() for line in f if line.strip())
+        kv.counts = np.array([int(counts[w]) for w in kv.words], dtype=np.int64)
+    return kv
