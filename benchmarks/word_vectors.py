@@ -4,14 +4,17 @@ WordSim353 and SimLex-999 with coverage, Google analogy accuracy) and speed (cor
     /work/venv-peers/bin/python benchmarks/word_vectors.py                     # head500, CPU
     /work/venv-peers/bin/python benchmarks/word_vectors.py --data shakespeare
     PYTHONPATH=. python3 benchmarks/word_vectors.py --no-gensim --batch-size 16384 \\
-        --eval-dir DIR --data DIR/head500.noblanks.cor                            # GPU
+        --eval-dir out/wordvec --data out/wordvec/head500.noblanks.cor --repeat 4     # GPU
 
 Both sides get the same sentences (our tokenizer's output), dimension, window, negatives,
 min_count, subsampling threshold and epochs; gensim runs with --workers threads (default 2)
-and its defaults otherwise (alpha 0.025 -> 0.0001, cbow_mean=1). Our words/s is the whole
-training loop (jit compilation included) over corpus words x epochs, gensim's the time of
-``Word2Vec.train``. With gensim installed, the word2vec text and binary files are checked
-both ways (gensim reads ours, we read gensim's). Evaluation data and the head500 corpus
+and its defaults otherwise (alpha 0.025 -> 0.0001, cbow_mean=1). Words/s counts every corpus
+word (out-of-vocabulary ones too) x epochs: gensim's over ``Word2Vec.train``, ours over the
+whole training loop, jit compilation included ("steady": from the first logged step on;
+GloVe's co-occurrence count, built before the loop, is not in its time).
+``skipgram-shared`` is our skip-gram drawing its negatives once per centre. With gensim
+installed, the word2vec text and binary files are checked both ways (gensim reads ours,
+we read gensim's). Evaluation data and the head500 corpus
 come from gensim's wheel (gensim/test/test_data) or --eval-dir.
 """
 from __future__ import annotations
@@ -117,13 +120,15 @@ def evaluate(kv: KeyedVectors, eval_dir: str | None) -> dict:
     return out
 
 
-def run_ours(objective: str, text: str, args, n_words: int) -> dict:
+def run_ours(name: str, text: str, args, n_words: int) -> dict:
+    """name: cbow, skipgram, skipgram-shared (skip-gram with shared negatives) or glove."""
+    objective = name.replace("-shared", "")
     cfg = WordVectorConfig(
         objective=objective, dimension=args.dimension, window=args.window, negatives=args.negatives,
         min_count=args.min_count, sample=args.sample if objective != "glove" else 0.0,
         epochs=args.glove_epochs if objective == "glove" else args.epochs,
         batch_size=args.glove_batch_size if objective == "glove" else args.batch_size,
-        shared_negatives=args.shared_negatives and objective == "skipgram",
+        shared_negatives=name == "skipgram-shared",
         seed=args.seed, log_every=args.log_every, checkpoint_every=10**9)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
@@ -131,11 +136,14 @@ def run_ours(objective: str, text: str, args, n_words: int) -> dict:
         total = time.perf_counter() - t0
         with open(os.path.join(out, "metrics.jsonl")) as f:
             records = [json.loads(line) for line in f]
+    # our metrics count in-vocabulary words; gensim's rate counts every corpus word: rescale
+    # ours to every corpus word, so the two rates are per the same words
+    scale = n_words / float(kv.counts.sum())
     first, last = records[0], records[-1]
     # steady state: from the first logged step on (compilation and warm-up excluded)
     steady = (last["words_per_s"] * last["elapsed_s"] - first["words_per_s"] * first["elapsed_s"]) / max(
         last["elapsed_s"] - first["elapsed_s"], 1e-9) if len(records) > 1 else float("nan")
-    return {"kv": kv, "words_per_s": last["words_per_s"], "steady_words_per_s": steady,
+    return {"kv": kv, "words_per_s": scale * last["words_per_s"], "steady_words_per_s": scale * steady,
             "wall_s": total, "final_loss": last["train_loss"], "epochs": cfg.epochs}
 
 
@@ -199,7 +207,8 @@ def load_corpus(spec: str, eval_dir: str | None) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="head500", help="head500 (gensim's), shakespeare, stdlib or a path")
-    p.add_argument("--objectives", default="cbow,skipgram,glove")
+    p.add_argument("--objectives", default="cbow,skipgram,skipgram-shared,glove",
+                   help="of cbow, skipgram, skipgram-shared (ours with shared negatives), glove")
     p.add_argument("--dimension", type=int, default=100)
     p.add_argument("--window", type=int, default=5)
     p.add_argument("--negatives", type=int, default=5)
@@ -209,8 +218,6 @@ def main() -> None:
     p.add_argument("--glove-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="word2vec centres per step")
     p.add_argument("--glove-batch-size", type=int, default=4096)
-    p.add_argument("--shared-negatives", action="store_true",
-                   help="our skip-gram draws its negatives once per centre (faster), not per pair")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeat", type=int, default=1, help="repeat the corpus (longer timing runs)")
     p.add_argument("--log-every", type=int, default=20, help="our steps between metrics records")
@@ -238,8 +245,7 @@ def main() -> None:
             rows.append({"model": f"gensim {objective}", **r})
             print(f"gensim {objective}: {r['words_per_s']:.0f} words/s", flush=True)
         r = run_ours(objective, text, args, n_words)
-        shared = " (shared negatives)" if args.shared_negatives and objective == "skipgram" else ""
-        rows.append({"model": f"ours {objective}{shared}", **r})
+        rows.append({"model": f"ours {objective}", **r})
         print(f"ours {objective}: {r['words_per_s']:.0f} words/s", flush=True)
     # the corpus words counted by ours are the in-vocabulary ones; gensim's count all words:
     # state both so the ratio is read right
