@@ -163,6 +163,17 @@ def run_gensim(sg: int, sentences, args, n_words: int) -> dict:
             "gensim_model": model, "epochs": args.epochs}
 
 
+def _aggregate(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of each quality figure; speed of the first run."""
+    out = dict(runs[0])
+    for name in ("wordsim353", "simlex999", "analogy"):
+        if name in runs[0]:
+            values = np.array([r[name] for r in runs])
+            out[name], out[name + "_std"] = float(values.mean()), float(values.std())
+            out[name + "_all"] = values.tolist()
+    return out
+
+
 def check_formats(ours: KeyedVectors, gensim_model) -> str:
     """gensim reads our text and binary files exactly, and we read gensim's."""
     from gensim.models import KeyedVectors as GensimKV
@@ -218,7 +229,7 @@ def main() -> None:
     p.add_argument("--glove-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="word2vec centres per step")
     p.add_argument("--glove-batch-size", type=int, default=4096)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated: quality as mean ± std over them")
     p.add_argument("--repeat", type=int, default=1, help="repeat the corpus (longer timing runs)")
     p.add_argument("--log-every", type=int, default=20, help="our steps between metrics records")
     p.add_argument("--workers", type=int, default=2, help="gensim's threads")
@@ -235,38 +246,47 @@ def main() -> None:
     n_words = sum(len(s) for s in sentences)
     print(f"corpus {args.data}: {n_words} words in {len(sentences)} sentences; device {device_name()}",
           flush=True)
+    seeds = [int(x) for x in args.seeds.split(",")]
     rows = []
     gensim_models = {}
     use_gensim = not args.no_gensim and importlib.util.find_spec("gensim") is not None
     for objective in args.objectives.split(","):
-        if use_gensim and objective in ("cbow", "skipgram"):
-            r = run_gensim(int(objective == "skipgram"), sentences, args, n_words)
-            gensim_models[objective] = r.pop("gensim_model")
-            rows.append({"model": f"gensim {objective}", **r})
-            print(f"gensim {objective}: {r['words_per_s']:.0f} words/s", flush=True)
-        r = run_ours(objective, text, args, n_words)
-        rows.append({"model": f"ours {objective}", **r})
-        print(f"ours {objective}: {r['words_per_s']:.0f} words/s", flush=True)
-    # the corpus words counted by ours are the in-vocabulary ones; gensim's count all words:
-    # state both so the ratio is read right
-    for row in rows:
-        row.update(evaluate(row["kv"], eval_dir))
-    formats = check_formats(rows[-1]["kv"] if not gensim_models else
-                            next(r["kv"] for r in rows if r["model"].startswith("ours")),
-                            next(iter(gensim_models.values()))) if gensim_models else "not checked (no gensim)"
+        base = objective.replace("-shared", "")
+        with_gensim = use_gensim and base in ("cbow", "skipgram") and base not in gensim_models
+        runs = {"gensim": [], "ours": []}
+        for seed in seeds:
+            args.seed = seed
+            if with_gensim:
+                r = run_gensim(int(base == "skipgram"), sentences, args, n_words)
+                gensim_models[base] = r.pop("gensim_model")
+                runs["gensim"].append({**r, **evaluate(r["kv"], eval_dir)})
+                print(f"gensim {base} seed {seed}: {r['words_per_s']:.0f} words/s", flush=True)
+            r = run_ours(objective, text, args, n_words)
+            runs["ours"].append({**r, **evaluate(r["kv"], eval_dir)})
+            print(f"ours {objective} seed {seed}: {r['words_per_s']:.0f} words/s", flush=True)
+        if runs["gensim"]:
+            rows.append({"model": f"gensim {base}", **_aggregate(runs["gensim"])})
+        rows.append({"model": f"ours {objective}", **_aggregate(runs["ours"])})
+    formats = (check_formats(next(r["kv"] for r in rows if r["model"].startswith("ours")),
+                             next(iter(gensim_models.values())))
+               if gensim_models else "not checked (no gensim)")
     date = datetime.date.today().isoformat()
     print(f"\n{args.data}, d={args.dimension}, window={args.window}, negatives={args.negatives}, "
           f"min_count={args.min_count}, sample={args.sample}, epochs={args.epochs} "
-          f"(GloVe {args.glove_epochs}); {device_name()}, {date}")
-    print("| model | WordSim353 ρ (coverage) | SimLex-999 ρ (coverage) | analogy acc. (coverage) "
-          "| words/s | steady words/s |")
+          f"(GloVe {args.glove_epochs}), seeds {seeds}; {device_name()}, {date}")
+    print("| model | WordSim353 ρ | SimLex-999 ρ | analogy accuracy | words/s | steady words/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         def cell(name):
-            return (f"{r[name]:.3f} ({r[name + '_coverage']:.0%})" if name in r else "n/a")
+            if name not in r:
+                return "n/a"
+            spread = f" ± {r[name + '_std']:.3f}" if len(seeds) > 1 else ""
+            return f"{r[name]:.3f}{spread} ({r[name + '_coverage']:.0%})"
         steady = f"{r['steady_words_per_s']:,.0f}" if "steady_words_per_s" in r else "n/a"
         print(f"| {r['model']} | {cell('wordsim353')} | {cell('simlex999')} | {cell('analogy')} | "
               f"{r['words_per_s']:,.0f} | {steady} |")
+    print("(quality: mean ± standard deviation over the seeds, coverage in brackets; "
+          "speed: the first seed's run)")
     print(f"formats: {formats}")
     if args.json:
         with open(args.json, "w") as f:
