@@ -9,6 +9,7 @@ from transformer_jax.sharding import make_mesh
 from transformer_jax.word_vectors.config import WordVectorConfig
 from transformer_jax.word_vectors.corpus import encode_corpus
 from transformer_jax.word_vectors.objectives import OBJECTIVES
+from transformer_jax.word_vectors.run import train_word_vectors
 from transformer_jax.word_vectors.sharding import padded_rows
 from transformer_jax.word_vectors.vocabulary import build_vocabulary, tokenize
 
@@ -54,3 +55,18 @@ def test_sharded_steps_equal_unsharded(name):
 def test_vocabulary_rows_are_padded_to_the_vocab_shards():
     mesh = make_mesh("data=2,tensor=4")
     assert padded_rows(21, mesh) == 24 and padded_rows(24, mesh) == 24 and padded_rows(21, None) == 21
+
+
+def test_a_whole_run_on_a_mesh_matches_the_run_on_one_device(tmp_path):
+    """The run loop over the mesh (several epochs, a checkpoint, resume) gives the
+    one-device vectors."""
+    text = "\n".join(" ".join(f"w{i}" for i in np.random.default_rng(s).integers(0, 24, 10))
+                     for s in range(300))
+    cfg = WordVectorConfig(objective="cbow", dimension=8, window=2, negatives=2, min_count=1,
+                           batch_size=256, epochs=3)
+    mesh = make_mesh("fsdp=2,tensor=4")
+    train_word_vectors(cfg, tmp_path / "mesh", text=text, mesh=mesh, max_steps=4, progress=False)
+    sharded = train_word_vectors(cfg, tmp_path / "mesh", text=text, mesh=mesh, progress=False)
+    plain = train_word_vectors(cfg, tmp_path / "plain", text=text, progress=False)
+    assert sharded.words == plain.words and len(plain) % 4 == 0
+    np.testing.assert_allclose(sharded.vectors, plain.vectors, rtol=1e-4, atol=1e-6)

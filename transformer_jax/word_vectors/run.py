@@ -60,6 +60,9 @@ def train_word_vectors(config: WordVectorConfig, out_dir: str | os.PathLike, *,
     step_fn = objective.make_step(config, prepared, mesh)
     end = prepared.total_steps if max_steps is None else min(max_steps, prepared.total_steps)
     is_main = jax.process_index() == 0
+    # XLA:CPU's virtual devices deadlocked (a collective-permute rendezvous never completing)
+    # with several sharded steps in flight: there, wait for each step
+    serialize = mesh is not None and mesh.devices.flat[0].platform == "cpu"
 
     with checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), max_to_keep=2,
                                  keep_best=0) as ckpt, _StopSignals() as stop:
@@ -75,6 +78,8 @@ def train_word_vectors(config: WordVectorConfig, out_dir: str | os.PathLike, *,
                 epoch = s // prepared.steps_per_epoch
                 inputs = objective.epoch_inputs(config, prepared, epoch)
             state, metrics = step_fn(state, inputs)
+            if serialize:
+                jax.block_until_ready(state)
             pending.append(metrics)
             done = s + 1
             if done % config.log_every == 0 or done == end:
