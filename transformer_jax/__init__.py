@@ -68,6 +68,12 @@ _EXPORTS = {
     "process_batch_slice": "transformer_jax.sharding",
     "use_mesh": "transformer_jax.sharding",
     "LOGICAL_RULES": "transformer_jax.sharding",
+    # word vectors
+    "WordVectorConfig": "transformer_jax.word_vectors",
+    "train_word_vectors": "transformer_jax.word_vectors",
+    "load_word_vectors": "transformer_jax.word_vectors",
+    "KeyedVectors": "transformer_jax.word_vectors",
+    "WordVectorEncoder": "transformer_jax.word_vectors",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
