@@ -33,6 +33,8 @@ _EXPORTS = {
     # generation
     "generate": "transformer_jax.generation",
     "GenerateOutput": "transformer_jax.generation",
+    # sentence embeddings and semantic search
+    "VectorIndex": "transformer_jax.search",
     # tokenizers and data
     "Tokenizer": "transformer_jax.tokenizers",
     "CharTokenizer": "transformer_jax.tokenizers",

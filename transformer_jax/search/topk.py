@@ -1,0 +1,113 @@
+"""Exact top-k by inner product over a corpus, in chunks, on one device or split over a mesh.
+
+The corpus is scanned `chunk` rows at a time: each chunk's scores `[m, chunk]` are
+reduced to their top k and merged into a running top k, so memory stays
+`O(m * chunk)` whatever the corpus size. On a mesh the corpus rows are split over
+every device; each device runs the same scan over its rows and the per-device
+top k are merged once at the end.
+
+Ties are broken by the lower corpus row, deterministically: `lax.top_k` puts the
+lower position first among equal values, and every merge concatenates lower rows
+before higher ones (running best before a later chunk; device 0 before device 1).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+def _chunked_top_k(queries: jax.Array, corpus: jax.Array, valid_rows: jax.Array, k: int,
+                   chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Top k of `queries @ corpus.T` over the first `valid_rows` rows of `corpus`.
+
+    queries float32 [m, d]; corpus float32 [r, d] with r a multiple of `chunk`;
+    valid_rows an int32 scalar. Returns scores float32 [m, k] (descending) and
+    row indices int32 [m, k] into `corpus`; slots beyond the valid rows hold -inf.
+    """
+    m = queries.shape[0]
+    num_chunks = corpus.shape[0] // chunk
+    chunk_k = min(k, chunk)
+    chunks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
+    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+
+    def step(best, inputs):
+        best_scores, best_rows = best
+        block, start = inputs
+        scores = jnp.dot(queries, block.T, precision=jax.lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+        rows = start + jnp.arange(chunk, dtype=jnp.int32)
+        scores = jnp.where(rows[None, :] < valid_rows, scores, -jnp.inf)
+        top_scores, top_pos = jax.lax.top_k(scores, chunk_k)
+        # Running best first: among equal scores the earlier (lower) rows win.
+        merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
+        merged_rows = jnp.concatenate([best_rows, top_pos + start], axis=1)
+        new_scores, pick = jax.lax.top_k(merged_scores, k)
+        return (new_scores, jnp.take_along_axis(merged_rows, pick, axis=1)), None
+
+    init = (jnp.full((m, k), -jnp.inf, jnp.float32), jnp.full((m, k), -1, jnp.int32))
+    (scores, rows), _ = jax.lax.scan(step, init, (chunks, starts))
+    return scores, rows
+
+
+@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+def top_k_single(queries: jax.Array, corpus: jax.Array, num_rows: jax.Array, *, k: int,
+                 chunk: int) -> tuple[jax.Array, jax.Array]:
+    """Top k on one device: queries [m, d], corpus [r, d] (rows >= num_rows are padding)."""
+    return _chunked_top_k(queries, corpus, num_rows, k, chunk)
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_fn(mesh: Mesh, k: int, chunk: int):
+    axes = tuple(mesh.axis_names)
+
+    def local(queries, corpus_shard, num_rows):
+        rows_per_device = corpus_shard.shape[0]
+        offset = jax.lax.axis_index(axes).astype(jnp.int32) * rows_per_device
+        valid = jnp.clip(num_rows - offset, 0, rows_per_device)
+        scores, rows = _chunked_top_k(queries, corpus_shard, valid, k, chunk)
+        # [m, devices * k], device 0's candidates first: the merge keeps the lower rows on ties.
+        scores = jax.lax.all_gather(scores, axes, axis=1, tiled=True)
+        rows = jax.lax.all_gather(rows + offset, axes, axis=1, tiled=True)
+        top, pick = jax.lax.top_k(scores, k)
+        return top, jnp.take_along_axis(rows, pick, axis=1)
+
+    run = jax.shard_map(
+        local, mesh=mesh, in_specs=(PartitionSpec(), PartitionSpec(axes), PartitionSpec()),
+        out_specs=(PartitionSpec(), PartitionSpec()),
+        check_vma=False)  # the scan carry starts replicated and becomes per-device
+    return jax.jit(run)
+
+
+def top_k_sharded(queries: jax.Array, corpus: jax.Array, num_rows: jax.Array, *, k: int,
+                  chunk: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """Top k with `corpus` [r, d] split by rows over every device of `mesh` (r a multiple
+    of devices * chunk); queries replicated. Same results as `top_k_single`."""
+    return _sharded_fn(mesh, k, chunk)(queries, corpus, num_rows)
+
+
+def corpus_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows over all mesh axes together, features whole."""
+    return NamedSharding(mesh, PartitionSpec(tuple(mesh.axis_names), None))
+
+
+def padded_layout(num_rows: int, chunk_size: int, num_devices: int) -> tuple[int, int]:
+    """(chunk, rows per device) for `num_rows` split over `num_devices`: each device holds a
+    whole number of chunks, and a chunk is at most `chunk_size` rows (fewer for a small
+    corpus, rounded up to 8, so a 100-row corpus is not padded to thousands of rows)."""
+    per_device = -(-num_rows // num_devices)
+    chunk = min(chunk_size, max(8, -(-per_device // 8) * 8))
+    per_device = -(-per_device // chunk) * chunk
+    return chunk, per_device
+
+
+def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """x [n, d] with zero rows appended up to `rows`."""
+    if x.shape[0] == rows:
+        return x
+    out = np.zeros((rows, x.shape[1]), x.dtype)
+    out[: x.shape[0]] = x
+    return out
