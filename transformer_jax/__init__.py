@@ -34,6 +34,7 @@ _EXPORTS = {
     "generate": "transformer_jax.generation",
     "GenerateOutput": "transformer_jax.generation",
     # sentence embeddings and semantic search
+    "SentenceEncoder": "transformer_jax.search",
     "VectorIndex": "transformer_jax.search",
     # tokenizers and data
     "Tokenizer": "transformer_jax.tokenizers",
