@@ -145,18 +145,26 @@ def test_load_pretrained_directory(pretrained, texts, hidden_alone, tmp_path, mo
         SentenceEncoder.load(tmp_path / "missing")
 
 
-@pytest.fixture(scope="module")
-def mlm_run(tmp_path_factory):
+def tiny_mlm_run(tmp_path_factory) -> str:
+    """A 2-step train.py mlm run on the tiny preset, made once per test session (process) and
+    shared with test_search_cli.py."""
+    out = tmp_path_factory.getbasetemp() / "search_tiny_mlm_run"
+    if (out / "checkpoints").is_dir():
+        return str(out)
     rng = np.random.default_rng(0)
     words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
     data = tmp_path_factory.mktemp("data") / "corpus.txt"
     data.write_text(" ".join(rng.choice(words, size=3000)) + "\n")
-    out = tmp_path_factory.mktemp("runs") / "mlm"
     assert train.main(["--objective", "mlm", "--preset", "tiny", "--data", str(data), "--out-dir", str(out),
                        "--mesh", "none", "--batch-size", "4", "--seq-len", "16", "--max-steps", "2",
                        "--eval-every", "2", "--eval-batches", "1", "--log-every", "2",
                        "--checkpoint-every", "2", "--sample-tokens", "0"]) == 0
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def mlm_run(tmp_path_factory):
+    return tiny_mlm_run(tmp_path_factory)
 
 
 def test_run_directory_of_an_mlm_run(mlm_run):
@@ -177,7 +185,7 @@ def test_run_directory_of_an_mlm_run(mlm_run):
     want = [np.asarray(apply({"params": params}, tokenizer.encode(t)[None, :16]), np.float64)[0].mean(0)
             for t in texts]
     np.testing.assert_allclose(got, np.stack(want), rtol=0, atol=2e-5)
-    assert encoder.stamp.name == "mlm" and len(encoder.stamp.weights_sha256) == 64
+    assert encoder.stamp.name == "search_tiny_mlm_run" and len(encoder.stamp.weights_sha256) == 64
     changed = SentenceEncoder(encoder.model, jax.tree.map(lambda x: x * 1.0001, encoder.params),
                               encoder.tokenizer, max_length=16, name="mlm")
     assert changed.stamp.weights_sha256 != encoder.stamp.weights_sha256
