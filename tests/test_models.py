@@ -299,12 +299,14 @@ def test_pool_matches_numpy_and_ignores_padding_values():
     hidden[~mask] = np.nan  # whatever sits at padding slots must not leak into the result
     pooled_mean = jax.jit(pool, static_argnums=2)(hidden, mask, "mean")
     pooled_first = jax.jit(pool, static_argnums=2)(hidden, mask, "first")
+    pooled_max = jax.jit(pool, static_argnums=2)(hidden, mask, "max")
     for i in range(3):
         np.testing.assert_allclose(pooled_mean[i], hidden[i][mask[i]].mean(0), rtol=1e-6)
         np.testing.assert_array_equal(pooled_first[i], hidden[i][mask[i]][0])
+        np.testing.assert_array_equal(pooled_max[i], hidden[i][mask[i]].max(0))
     assert pooled_mean.dtype == jnp.float32
     with pytest.raises(ValueError, match="method"):
-        pool(hidden, mask, "max")
+        pool(hidden, mask, "median")
     with pytest.raises(ValueError, match="padding_mask"):
         pool(hidden, mask[:, :4], "mean")
 
@@ -326,7 +328,7 @@ def test_masked_lm_checkpoint_loads_into_classifier():
     expected = np.asarray(hidden, np.float64).mean(1) @ head["kernel"] + head["bias"]
     np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="pooling"):
-        jax.eval_shape(SequenceClassifier(TINY, 3, pooling="max").init, KEY, x)
+        jax.eval_shape(SequenceClassifier(TINY, 3, pooling="median").init, KEY, x)
 
 
 # ---------------------------------------------------------------- encoder-decoder

@@ -55,6 +55,12 @@ _EXPORTS = {
     "make_loss_fn": "transformer_jax.training",
     "cross_entropy": "transformer_jax.training",
     "Checkpointer": "transformer_jax.checkpoint",
+    # pretrained models (the Hugging Face format)
+    "from_pretrained": "transformer_jax.pretrained",
+    "save_pretrained": "transformer_jax.pretrained",
+    "Pretrained": "transformer_jax.pretrained",
+    "Pooling": "transformer_jax.pretrained",
+    "minilm_path": "transformer_jax.pretrained",
     # scaling out
     "make_mesh": "transformer_jax.sharding",
     "initialize_distributed": "transformer_jax.sharding",

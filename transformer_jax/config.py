@@ -15,7 +15,8 @@ import numpy as np
 
 from transformer_jax.attention.arguments import IMPLEMENTATIONS
 
-ACTIVATIONS = ("relu", "gelu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "swiglu")
+SINUSOIDAL_LAYOUTS = ("interleaved", "split")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POS_ENCODINGS = ("learned", "sinusoidal", "rotary")
@@ -52,6 +53,18 @@ class ModelConfig:
     `rope_base` is the rotary wavelength base; `layer_norm_eps` the norms' epsilon.
     Dropout: `dropout_rate` on embeddings and residual branches, `attention_dropout_rate`
     on attention probabilities.
+
+    Options of pretrained architectures (the defaults leave every model unchanged):
+    `activation` "gelu" is GPT-2's tanh approximation, "gelu_exact" the erf form (BERT),
+    "silu" x*sigmoid(x) (Marian's "swish"), "swiglu" the gated form (Llama).
+    `embedding_norm` normalises token+position(+type) embeddings (BERT);
+    `type_vocab_size` > 0 adds token-type (segment) embeddings, fed by `token_type_ids`
+    (BERT); `qkv_bias` (None = `use_bias`) overrides the bias of the query, key and value
+    projections alone (Qwen2: True with use_bias False); `sliding_window` lets a causal
+    query see itself and the `sliding_window - 1` keys before it (Mistral);
+    `sinusoidal_layout` "interleaved" (sin, cos alternating, the paper) or "split"
+    (all sines, then all cosines: Marian); `final_logits_bias` adds a learned bias to an
+    EncoderDecoder's logits (Marian).
     """
 
     vocab_size: int
@@ -77,11 +90,17 @@ class ModelConfig:
     scan_layers: bool = False
     remat_policy: str = "none"
     layer_norm_eps: float = 1e-5
+    embedding_norm: bool = False
+    type_vocab_size: int = 0
+    qkv_bias: bool | None = None
+    sliding_window: int | None = None
+    sinusoidal_layout: str = "interleaved"
+    final_logits_bias: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "num_heads", "num_layers", "d_ff"):
             _check_positive_int(name, getattr(self, name))
-        for name in ("num_kv_heads", "num_decoder_layers"):
+        for name in ("num_kv_heads", "num_decoder_layers", "sliding_window"):
             if getattr(self, name) is not None:
                 _check_positive_int(name, getattr(self, name))
         if self.d_model % self.num_heads:
@@ -104,6 +123,7 @@ class ModelConfig:
             ("dtype", DTYPES),
             ("attention_impl", ATTENTION_IMPLS),
             ("remat_policy", REMAT_POLICIES),
+            ("sinusoidal_layout", SINUSOIDAL_LAYOUTS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {choices}")
@@ -115,9 +135,15 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"{name}={value!r} must be a positive number")
-        for name in ("use_bias", "tie_embeddings", "scale_embeddings", "scan_layers"):
+        for name in ("use_bias", "tie_embeddings", "scale_embeddings", "scan_layers",
+                     "embedding_norm", "final_logits_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
+        if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
+            raise TypeError(f"qkv_bias={self.qkv_bias!r} must be a bool or None")
+        if (not isinstance(self.type_vocab_size, (int, np.integer)) or isinstance(self.type_vocab_size, bool)
+                or self.type_vocab_size < 0):
+            raise ValueError(f"type_vocab_size={self.type_vocab_size!r} must be a non-negative integer")
 
     @property
     def head_dim(self) -> int:
@@ -127,6 +153,11 @@ class ModelConfig:
     def kv_heads(self) -> int:
         """Number of key/value heads (`num_kv_heads`, or `num_heads` when None)."""
         return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def qkv_use_bias(self) -> bool:
+        """Whether the query, key and value projections have a bias (`qkv_bias`, or `use_bias`)."""
+        return self.use_bias if self.qkv_bias is None else self.qkv_bias
 
     @property
     def decoder_layers(self) -> int:

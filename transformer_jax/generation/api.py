@@ -35,6 +35,7 @@ def generate(
     bos_id: int | None = None,
     rng: jax.Array | int | None = None,
     use_cache: bool = True,
+    suppress_ids: Sequence[int] = (),
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt (or source sentence).
 
@@ -80,6 +81,11 @@ def generate(
       use_cache: False recomputes a full forward pass over the whole sequence at every
         step instead of using the KV cache: the same tokens (up to float rounding), much
         slower; for testing and benchmarking.
+      suppress_ids: token ids never generated (their logits are set to -inf before
+        every choice, so probabilities renormalise over the rest), e.g. Marian's pad id.
+        Hugging Face's `bad_words_ids` / `suppress_tokens` mask log-probabilities
+        instead, without renormalising: the same greedy tokens, but beam scores (and so
+        occasionally the ranking of beams) can differ.
 
     Returns:
       `GenerateOutput(tokens, lengths, scores)`, the new tokens only (no prompt):
@@ -118,6 +124,7 @@ def generate(
         encoder_decoder=isinstance(model, models.EncoderDecoder),
     )
     prompts, lengths = prepare_prompts(prompts, prompt_lengths, vocab_size=cfg.vocab_size)
+    suppress_ids = _check_suppress_ids(suppress_ids, cfg.vocab_size)
     if isinstance(model, models.EncoderDecoder):
         check_context(prompts.shape[1], cfg.max_len, f"the source width ({prompts.shape[1]} tokens)")
         check_context(max_new_tokens, cfg.max_len, f"max_new_tokens={max_new_tokens}")
@@ -145,7 +152,7 @@ def generate(
         strategy="greedy" if beam_as_greedy else strategy, max_new_tokens=max_new_tokens,
         num_beams=num_beams if strategy == "beam" else 1, eos_id=eos_id, pad_id=pad_id,
         bos_id=bos_id if isinstance(model, models.EncoderDecoder) else None,
-        cache_len=cache_len, use_cache=use_cache,
+        cache_len=cache_len, use_cache=use_cache, suppress_ids=suppress_ids,
     )
     if beam_as_greedy:  # give greedy's output the beam axis and the beam score
         penalty = out.lengths.astype(jnp.float32) ** length_penalty
@@ -159,12 +166,12 @@ def generate(
     jax.jit,
     static_argnames=(
         "model", "strategy", "max_new_tokens", "num_beams", "eos_id", "pad_id", "bos_id",
-        "cache_len", "use_cache",
+        "cache_len", "use_cache", "suppress_ids",
     ),
 )
 def _generate(
     model, params, prompts, lengths, rng, sampling, length_penalty, *,
-    strategy, max_new_tokens, num_beams, eos_id, pad_id, bos_id, cache_len, use_cache,
+    strategy, max_new_tokens, num_beams, eos_id, pad_id, bos_id, cache_len, use_cache, suppress_ids,
 ) -> GenerateOutput:
     """The compiled part of `generate`: prefill, then the strategy's decoding loop."""
     copies = num_beams if strategy == "beam" else 1
@@ -178,14 +185,38 @@ def _generate(
             model, params, prompts, lengths, cache_len=cache_len, num_copies=copies,
             use_cache=use_cache,
         )
+    step, first_logits = steps.step, steps.logits
+    if suppress_ids:
+        suppressed = jnp.zeros((model.cfg.vocab_size,), bool).at[jnp.array(suppress_ids)].set(True)
+        forbid = lambda logits: jnp.where(suppressed, -jnp.inf, logits)  # noqa: E731
+
+        def step(cache, tokens, _step=steps.step):
+            logits, cache = _step(cache, tokens)
+            return forbid(logits), cache
+
+        first_logits = forbid(first_logits)
     if strategy == "beam":
         return beam_search(
-            steps.step, steps.cache, steps.logits, num_beams=num_beams,
+            step, steps.cache, first_logits, num_beams=num_beams,
             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
             length_penalty=length_penalty, reorder_cache=steps.reorder,
         )
     select = greedy_select if strategy == "greedy" else sampling_select(rng, **sampling)
     return decode(
-        steps.step, steps.cache, steps.logits, select,
+        step, steps.cache, first_logits, select,
         max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
     )
+
+
+def _check_suppress_ids(suppress_ids: Sequence[int], vocab_size: int) -> tuple[int, ...]:
+    """`suppress_ids` as a sorted tuple of distinct ids in [0, vocab_size) (a static argument)."""
+    try:
+        ids = tuple(sorted({int(i) for i in suppress_ids}))
+        ok = all(float(i) == int(i) for i in suppress_ids)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or any(not 0 <= i < vocab_size for i in ids):
+        raise ValueError(f"suppress_ids must be token ids in [0, {vocab_size}), got {suppress_ids!r}")
+    if len(ids) == vocab_size:
+        raise ValueError(f"suppress_ids={suppress_ids!r} forbids every token")
+    return ids

@@ -111,7 +111,7 @@ class MultiHeadAttention(nn.Module):
         def project(heads: int, kind: str, name: str, x: jax.Array) -> jax.Array:
             return Projection(
                 "btd,dhk->bthk", (cfg.d_model, heads, cfg.head_dim), ("embed", kind, "head_dim"),
-                cfg.use_bias, cfg.compute_dtype, name=name,
+                cfg.qkv_use_bias, cfg.compute_dtype, name=name,
             )(x)
 
         def project_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -127,15 +127,18 @@ class MultiHeadAttention(nn.Module):
             k = apply_rotary(k, positions, cfg.rope_base)
 
         is_causal = self.causal and is_self
+        # cfg.sliding_window: a causal query sees itself and the window - 1 keys before it.
+        window = cfg.sliding_window if is_causal else None
         if decode and is_self:
-            k, v, mask = self._update_cache(k, v, positions, valid)
-            is_causal, segment_ids = False, None  # the cache mask is causal in positions
+            k, v, mask = self._update_cache(k, v, positions, valid, window)
+            is_causal, segment_ids, window = False, None, None  # the cache mask holds both rules
 
         dropout_rng = None
         if not deterministic and cfg.attention_dropout_rate > 0:
             dropout_rng = self.make_rng("dropout")
         options = dict(
             mask=mask, is_causal=is_causal, implementation=cfg.attention_impl, dropout_rng=dropout_rng,
+            local_window_size=None if window is None else (window - 1, 0),
             dropout_rate=cfg.attention_dropout_rate, deterministic=dropout_rng is None,
         )
         segment_ids = segment_ids if is_self else None
@@ -176,13 +179,16 @@ class MultiHeadAttention(nn.Module):
         return nn.cond(jnp.any(positions[:, 0] == 0), fresh, cached, self, encoded)
 
     def _update_cache(
-        self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array
+        self, k: jax.Array, v: jax.Array, positions: jax.Array, valid: jax.Array, window: int | None
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Write this call's keys/values; return the whole cache and its causal mask."""
+        """Write this call's keys/values; return the whole cache and its causal (and
+        sliding-window) mask."""
         cached_key = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
         cached_value = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
         cached_key.value = write_cache(cached_key.value, k, positions, valid)
         cached_value.value = write_cache(cached_value.value, v, positions, valid)
         slots = jnp.arange(cached_key.value.shape[1])
         mask = slots[None, None, :] <= positions[:, :, None]  # [b, t, cache_len]
+        if window is not None:
+            mask &= slots[None, None, :] > positions[:, :, None] - window
         return cached_key.value, cached_value.value, mask[:, None]

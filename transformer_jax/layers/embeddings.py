@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
+from transformer_jax.layers.norms import make_norm
 from transformer_jax.layers.positional import LearnedPositions, sinusoidal_encoding
 
 
@@ -45,10 +46,14 @@ class TokenEmbedding(nn.Module):
 
 
 class Embedder(nn.Module):
-    """Token + positional embedding, then dropout: `[b, t] -> [b, t, d_model]` (cfg.dtype).
+    """Token + positional (+ token-type) embedding, optional norm, then dropout:
+    `[b, t] -> [b, t, d_model]` (cfg.dtype).
 
     Positions (int [b, t]) are given by the model (they depend on packing and the KV
     cache). Rotary models add nothing here: their positions act inside attention.
+    With `cfg.type_vocab_size > 0`, `token_type_ids` (int [b, t], default all 0) select
+    rows of a second table `token_type`; with `cfg.embedding_norm` the sum is normalised
+    (submodule `norm`) before dropout, as in BERT.
     """
 
     cfg: ModelConfig
@@ -58,17 +63,37 @@ class Embedder(nn.Module):
         self.token = TokenEmbedding(cfg.vocab_size, cfg.d_model, cfg.compute_dtype)
         if cfg.pos_encoding == "learned":
             self.position = LearnedPositions(cfg.max_len, cfg.d_model, cfg.compute_dtype)
+        if cfg.type_vocab_size:
+            self.token_type = TokenEmbedding(cfg.type_vocab_size, cfg.d_model, cfg.compute_dtype)
+        if cfg.embedding_norm:
+            self.norm = make_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array, *, deterministic: bool = True) -> jax.Array:
+    def __call__(
+        self, tokens: jax.Array, positions: jax.Array, *, token_type_ids: jax.Array | None = None,
+        deterministic: bool = True,
+    ) -> jax.Array:
         cfg = self.cfg
+        if token_type_ids is not None and not cfg.type_vocab_size:
+            raise ValueError("token_type_ids needs a model with cfg.type_vocab_size > 0")
         x = self.token(tokens)
         if cfg.scale_embeddings:
             x = x * jnp.asarray(math.sqrt(cfg.d_model), x.dtype)
         if cfg.pos_encoding == "learned":
             x = x + self.position(positions)
         elif cfg.pos_encoding == "sinusoidal":
-            x = x + sinusoidal_encoding(positions, cfg.d_model).astype(x.dtype)
+            x = x + sinusoidal_encoding(positions, cfg.d_model, cfg.sinusoidal_layout).astype(x.dtype)
+        if cfg.type_vocab_size:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros_like(tokens)
+            elif token_type_ids.shape != tokens.shape or not jnp.issubdtype(token_type_ids.dtype, jnp.integer):
+                raise ValueError(
+                    f"token_type_ids must be an integer array of the tokens' shape {tuple(tokens.shape)}, "
+                    f"got {token_type_ids.dtype} {tuple(token_type_ids.shape)}"
+                )
+            x = x + self.token_type(token_type_ids)
+        if cfg.embedding_norm:
+            x = self.norm(x)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return self.dropout(x, deterministic=deterministic)
 

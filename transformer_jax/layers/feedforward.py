@@ -1,4 +1,4 @@
-"""Position-wise feed-forward network: ReLU, GELU or SwiGLU."""
+"""Position-wise feed-forward network: ReLU, GELU (tanh or exact), SiLU or SwiGLU."""
 from __future__ import annotations
 
 import flax.linen as nn
@@ -8,11 +8,22 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
 
 
+def activation_fn(name: str):
+    """The elementwise activation called `name` (one of config.ACTIVATIONS but "swiglu")."""
+    return {
+        "relu": nn.relu,
+        "gelu": lambda x: nn.gelu(x, approximate=True),
+        "gelu_exact": lambda x: nn.gelu(x, approximate=False),
+        "silu": nn.silu,
+    }[name]
+
+
 class FeedForward(nn.Module):
     """`[batch, length, d_model] -> [batch, length, d_model]` in `cfg.dtype`.
 
-    relu/gelu: act(x W1 + b1) W2 + b2. swiglu: (silu(x Wg) * (x W1)) W2 (Shazeer 2020).
-    GELU is the tanh approximation, as in GPT-2 and BERT.
+    relu/gelu/gelu_exact/silu: act(x W1 + b1) W2 + b2. swiglu: (silu(x Wg) * (x W1)) W2
+    (Shazeer 2020). "gelu" is the tanh approximation (GPT-2's "gelu_new"); "gelu_exact"
+    is x * Phi(x) with the erf (BERT's "gelu").
     `out_std` is the init std of the output (residual) projection.
     """
 
@@ -33,9 +44,7 @@ class FeedForward(nn.Module):
         if cfg.activation == "swiglu":
             gate = dense(cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wg")(x)
             hidden = nn.silu(gate) * hidden
-        elif cfg.activation == "gelu":
-            hidden = nn.gelu(hidden, approximate=True)
         else:
-            hidden = nn.relu(hidden)
+            hidden = activation_fn(cfg.activation)(hidden)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
         return dense(cfg.d_model, ("mlp", "embed"), self.out_std, "wo")(hidden)

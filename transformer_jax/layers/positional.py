@@ -8,16 +8,21 @@ import jax.numpy as jnp
 from transformer_jax.layers import initializers as init
 
 
-def sinusoidal_encoding(positions: jax.Array, features: int) -> jax.Array:
+def sinusoidal_encoding(positions: jax.Array, features: int, layout: str = "interleaved") -> jax.Array:
     """The "Attention is all you need" encoding at integer `positions`.
 
-    PE[p, 2i] = sin(p / 10000^(2i/features)), PE[p, 2i+1] = cos(p / 10000^(2i/features)).
+    layout "interleaved": PE[p, 2i] = sin(p / 10000^(2i/features)), PE[p, 2i+1] = cos(same);
+    "split" (Marian): PE[p, i] = sin(p / 10000^(2i/features)), PE[p, features/2 + i] = cos(same).
     positions: int array of any shape [...]; returns float32 [..., features].
     """
+    if layout not in ("interleaved", "split"):
+        raise ValueError(f"layout={layout!r} is not one of ('interleaved', 'split')")
     if features % 2:
         raise ValueError(f"features={features} must be even for the sinusoidal encoding")
     inv_freq = 10000.0 ** (-jnp.arange(0, features, 2, dtype=jnp.float32) / features)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    if layout == "split":
+        return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
     # stack then flatten interleaves: sin at even, cos at odd feature indices.
     return jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1).reshape(*positions.shape, features)
 

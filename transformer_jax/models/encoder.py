@@ -9,7 +9,7 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.layers import BlockStack, Embedder, make_norm, padding_positions
 from transformer_jax.models.checks import check_padding_mask, check_token_shape
 
-POOLING = ("mean", "first")
+POOLING = ("mean", "first", "max")
 
 
 def token_positions(tokens: jax.Array, padding_mask: jax.Array | None) -> jax.Array:
@@ -41,16 +41,18 @@ class Encoder(nn.Module):
             self.final_norm = make_norm(self.cfg)
 
     def __call__(
-        self, tokens: jax.Array, *, padding_mask: jax.Array | None = None, deterministic: bool = True
+        self, tokens: jax.Array, *, padding_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None, deterministic: bool = True,
     ) -> jax.Array:
         """tokens int [b, t]; padding_mask bool [b, t] (True = real token) -> [b, t, d_model] in cfg.dtype.
 
+        token_type_ids: int [b, t] segment ids (needs cfg.type_vocab_size > 0; default 0).
         Outputs at padding positions are meaningless.
         """
         check_token_shape(tokens, self.cfg, "tokens")
         check_padding_mask(padding_mask, tokens, "padding_mask")
         positions = token_positions(tokens, padding_mask)
-        x = self.embedder(tokens, positions, deterministic=deterministic)
+        x = self.embedder(tokens, positions, token_type_ids=token_type_ids, deterministic=deterministic)
         x = self.blocks(x, self_mask=attention_mask(padding_mask), positions=positions,
                         deterministic=deterministic)
         return self.final_norm(x) if self.cfg.norm_position == "pre" else x
@@ -60,8 +62,9 @@ def pool(hidden: jax.Array, padding_mask: jax.Array | None = None, method: str =
     """Sentence embeddings float32 [b, d] from hidden states [b, t, d].
 
     method "mean": average over real tokens (padding_mask True; all tokens if None);
-    "first": the first real token (BERT's [CLS] slot, wherever left padding puts it).
-    A row without real tokens gives zeros ("mean") or its slot 0 ("first").
+    "first": the first real token (BERT's [CLS] slot, wherever left padding puts it);
+    "max": the elementwise maximum over real tokens.
+    A row without real tokens gives zeros ("mean"), its slot 0 ("first") or -inf ("max").
     """
     if method not in POOLING:
         raise ValueError(f"method={method!r} is not one of {POOLING}")
@@ -73,7 +76,10 @@ def pool(hidden: jax.Array, padding_mask: jax.Array | None = None, method: str =
         )
     hidden = hidden.astype(jnp.float32)
     if padding_mask is None:
-        return hidden.mean(axis=1) if method == "mean" else hidden[:, 0]
+        return {"mean": lambda: hidden.mean(axis=1), "first": lambda: hidden[:, 0],
+                "max": lambda: hidden.max(axis=1)}[method]()
+    if method == "max":
+        return jnp.where(padding_mask[..., None], hidden, -jnp.inf).max(axis=1)
     if method == "first":
         first = jnp.argmax(padding_mask, axis=1)
         return jnp.take_along_axis(hidden, first[:, None, None], axis=1)[:, 0]

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from transformer_jax.config import ModelConfig
+from transformer_jax.layers import initializers as init
 from transformer_jax.layers import BlockStack, Embedder, LMHead, make_norm
 from transformer_jax.models.cache import CachePosition
 from transformer_jax.models.checks import check_padding_mask, check_token_shape
@@ -22,6 +23,7 @@ class EncoderDecoder(nn.Module):
     For decoding, run `encode` once, then `decode` with a KV cache (see
     `transformer_jax.models.cache`): `model.apply(v, encoded, tgt, decode=True, ...,
     method=EncoderDecoder.decode, mutable=["cache"])`.
+    `cfg.final_logits_bias` adds a learned bias `final_logits_bias` [vocab] to the logits.
     """
 
     cfg: ModelConfig
@@ -40,6 +42,9 @@ class EncoderDecoder(nn.Module):
             self.encoder_norm = make_norm(cfg)
             self.decoder_norm = make_norm(cfg)
         self.cache_position = CachePosition()
+        if cfg.final_logits_bias:
+            self.logits_bias = self.param(
+                "final_logits_bias", init.zeros(("vocab",)), (cfg.vocab_size,), jnp.float32)
 
     def __call__(
         self,
@@ -111,4 +116,6 @@ class EncoderDecoder(nn.Module):
         if cfg.norm_position == "pre":
             x = self.decoder_norm(x)
         logits = embedder.attend(x) if cfg.tie_embeddings else self.lm_head(x)
+        if cfg.final_logits_bias:
+            logits = logits + self.logits_bias
         return nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

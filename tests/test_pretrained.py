@@ -1,0 +1,237 @@
+"""transformer_jax.pretrained against the golden outputs of Hugging Face transformers.
+
+The fixtures (tests/fixtures/hf/<model_type>/) are tiny random-initialised models saved
+by transformers' `save_pretrained`, with the logits, greedy and beam outputs transformers
+computed for fixed inputs (tests/fixtures/make_hf_fixtures.py, not run here: no torch).
+Inputs are unpadded or right-padded, where both libraries number positions alike.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from transformer_jax import generate
+from transformer_jax.pretrained import Pooling, from_pretrained, save_pretrained
+from transformer_jax.pretrained.safetensors_io import read_header
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
+ALL = (*CAUSAL, "bert", "marian")
+PAD_MARIAN = 95  # the marian fixture's pad = decoder start id
+
+
+def golden(name: str) -> dict[str, np.ndarray]:
+    return dict(np.load(os.path.join(FIXTURES, name, "golden.npz")))
+
+
+def logits_of(pre, name: str, g: dict) -> np.ndarray:
+    v = {"params": pre.params}
+    tokens = jnp.asarray(g["tokens"], jnp.int32)
+    if name == "bert":
+        return np.asarray(pre.model.apply(v, tokens, padding_mask=jnp.asarray(g["mask"]),
+                                          token_type_ids=jnp.asarray(g["token_type_ids"], jnp.int32)))
+    if name == "marian":
+        return np.asarray(pre.model.apply(v, tokens, jnp.asarray(g["tgt"], jnp.int32),
+                                          src_padding_mask=jnp.asarray(g["mask"])))
+    return np.asarray(pre.model.apply(v, tokens))
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_logits_match_transformers(name):
+    g = golden(name)
+    pre = from_pretrained(os.path.join(FIXTURES, name))
+    ours = logits_of(pre, name, g)
+    real = g["mask"] if name == "bert" else np.ones(ours.shape[:2], bool)  # padding slots: meaningless
+    assert ours.dtype == np.float32 and ours.shape == g["logits"].shape
+    assert np.abs(g["logits"]).max() > 3  # the fixture's weights make every detail count
+    np.testing.assert_allclose(ours[real], g["logits"][real], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", (*CAUSAL, "marian"))
+def test_greedy_and_beam_match_transformers(name):
+    """Without EOS both libraries rank beams by summed log-probability alike."""
+    g = golden(name)
+    pre = from_pretrained(os.path.join(FIXTURES, name))
+    new = g["greedy"].shape[1]
+    options = dict(max_new_tokens=new)
+    prompts = g["tokens"]
+    if name == "marian":  # decoding starts at the pad id, which is never generated
+        options.update(bos_id=PAD_MARIAN, suppress_ids=[PAD_MARIAN])
+        prompts = prompts[:1]
+    greedy = generate(pre.model, pre.params, prompts, **options)
+    np.testing.assert_array_equal(greedy.tokens, g["greedy"])
+    beam = generate(pre.model, pre.params, prompts, strategy="beam", num_beams=3, **options)
+    np.testing.assert_array_equal(beam.tokens, g["beam"])
+
+
+def test_config_mapping():
+    pre = from_pretrained(os.path.join(FIXTURES, "mistral"))
+    cfg = pre.config
+    assert (cfg.norm, cfg.activation, cfg.pos_encoding, cfg.sliding_window, cfg.kv_heads) == (
+        "rmsnorm", "swiglu", "rotary", 4, 1)
+    assert from_pretrained(os.path.join(FIXTURES, "llama")).config.rope_base == 500.0
+    qwen = from_pretrained(os.path.join(FIXTURES, "qwen2")).config
+    assert qwen.qkv_use_bias and not qwen.use_bias and qwen.tie_embeddings
+    bert = from_pretrained(os.path.join(FIXTURES, "bert"), dtype="bfloat16")
+    assert bert.config.dtype == "bfloat16" and type(bert.model).__name__ == "MaskedLM"
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bert.params))
+    assert bert.tokenizer is None and bert.pooling is None
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_save_pretrained_round_trip_is_bit_identical(name, tmp_path):
+    source = os.path.join(FIXTURES, name)
+    pre = from_pretrained(source)
+    save_pretrained(tmp_path, pre.model, pre.params, pre.tokenizer)
+    again = from_pretrained(tmp_path)
+    assert again.config == pre.config
+    jax.tree.map(np.testing.assert_array_equal, again.params, pre.params)
+    # The safetensors library reads our file, and every tensor transformers wrote comes
+    # back bit for bit (ours holds no buffers, and tied copies once).
+    ours = load_file(os.path.join(tmp_path, "model.safetensors"))
+    theirs = {}
+    for file in sorted(os.listdir(source)):
+        if file.endswith(".safetensors"):
+            theirs.update(load_file(os.path.join(source, file)))
+    assert set(ours) <= set(theirs)
+    for key, value in ours.items():
+        np.testing.assert_array_equal(value, theirs[key], err_msg=key)
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+def copy_fixture(name: str, tmp_path) -> str:
+    target = os.path.join(tmp_path, name)
+    shutil.copytree(os.path.join(FIXTURES, name), target)
+    return target
+
+
+def rewrite(path: str, mutate) -> None:
+    """Rewrite a single-file checkpoint with `mutate(dict of arrays)` applied."""
+    from safetensors.numpy import save_file
+
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    mutate(tensors)
+    save_file(tensors, file)
+
+
+def test_missing_files_are_named(tmp_path):
+    with pytest.raises(ValueError, match="not a directory"):
+        from_pretrained(tmp_path / "nothing")
+    path = copy_fixture("gpt2", tmp_path)
+    os.remove(os.path.join(path, "model.safetensors"))
+    with pytest.raises(ValueError, match="holds no weights"):
+        from_pretrained(path)
+    os.remove(os.path.join(path, "config.json"))
+    with pytest.raises(ValueError, match="config.json.*missing"):
+        from_pretrained(path)
+    sharded = copy_fixture("llama", tmp_path)
+    os.remove(os.path.join(sharded, "model-00002-of-00003.safetensors"))
+    with pytest.raises(ValueError, match="model-00002-of-00003.safetensors.*missing"):
+        from_pretrained(sharded)
+
+
+def test_truncated_file_names_the_tensor(tmp_path):
+    path = copy_fixture("gpt2", tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    last = max(read_header(file).items(), key=lambda kv: kv[1].end)[0]
+    with open(file, "r+b") as f:
+        f.truncate(os.path.getsize(file) - 10)
+    with pytest.raises(ValueError, match=f"truncated.*{last}"):
+        from_pretrained(path)
+    with open(file, "r+b") as f:
+        f.truncate(5)
+    with pytest.raises(ValueError, match="too short"):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t: t.update({"transformer.h.0.ln_1.weight": np.ones(5, np.float32)}),
+         r"transformer\.h\.0\.ln_1\.weight.*shape \[5\], expected \[32\]"),
+        (lambda t: t.update({"transformer.h.0.extra.weight": np.ones(3, np.float32)}),
+         r"does not have.*transformer\.h\.0\.extra\.weight"),
+        (lambda t: t.pop("transformer.h.1.mlp.c_fc.bias"), r"lacks.*transformer\.h\.1\.mlp\.c_fc\.bias"),
+        (lambda t: t.update({"transformer.wpe.weight": np.ones((32, 32), np.int32)}), "dtype int32"),
+    ],
+    ids=["wrong-shape", "unexpected-key", "missing-key", "integer-weights"],
+)
+def test_bad_tensors_are_named(tmp_path, mutate, message):
+    path = copy_fixture("gpt2", tmp_path)
+    rewrite(path, mutate)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "name, change, message",
+    [
+        ("gpt2", {"model_type": "t5"}, "model_type='t5' is not supported"),
+        ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ("llama", {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_type"),
+        ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
+        ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+        ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+        ("bert", {"architectures": ["BertForQuestionAnswering"]}, "BertForQuestionAnswering"),
+    ],
+)
+def test_unsupported_options_are_refused(tmp_path, name, change, message):
+    path = copy_fixture(name, tmp_path)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    config.update(change)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match=message):
+        from_pretrained(path)
+
+
+def test_save_refuses_what_the_format_cannot_hold(tmp_path):
+    from transformer_jax import DecoderLM, get_config
+
+    model = DecoderLM(get_config("tiny", pos_encoding="rotary"))  # GPT-2 has learned positions
+    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ValueError, match="pos_encoding='rotary' cannot be saved as a gpt2"):
+        save_pretrained(tmp_path, model, params)
+    pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
+    broken = jax.tree.map(lambda x: x, pre.params)
+    del broken["final_norm"]
+    with pytest.raises(ValueError, match="final_norm"):
+        save_pretrained(tmp_path, pre.model, broken)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+# ---------------------------------------------------------------- sharded placement
+
+
+def test_mesh_places_each_parameter_with_its_sharding():
+    from transformer_jax.sharding import make_mesh, use_mesh
+
+    path = os.path.join(FIXTURES, "llama")
+    plain = from_pretrained(path)
+    mesh = make_mesh("fsdp=2,tensor=2", jax.devices()[:4])
+    with use_mesh(mesh):
+        sharded = from_pretrained(path, mesh=mesh)
+    q = sharded.params["blocks"]["layer_0"]["self_attn"]["query"]["kernel"]  # [embed, heads, head_dim]
+    assert q.sharding.spec[:2] == ("fsdp", "tensor")
+    assert len(q.addressable_shards) == 4 and q.addressable_shards[0].data.shape == (16, 2, 8)
+    jax.tree.map(np.testing.assert_array_equal, sharded.params, plain.params)
+
+
+def test_pooling_modes():
+    hidden = np.random.default_rng(0).normal(size=(2, 4, 3)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], bool)
+    out = Pooling("mean", normalize=True)(hidden, mask)
+    expected = np.stack([hidden[i][mask[i]].mean(0) for i in range(2)])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(out, expected, rtol=1e-6)

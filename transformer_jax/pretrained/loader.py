@@ -1,0 +1,255 @@
+"""`from_pretrained` and `save_pretrained`: Hugging Face directories <-> our models.
+
+Loading checks everything it can before reading any weight (config options, every
+checkpoint key known, every parameter filled, every shape right: headers only), then
+reads one tensor at a time, converts it, and places it on the device (or, given a mesh,
+directly with its shardings from `transformer_jax.sharding`), so host memory holds one
+tensor beyond the placed parameters. A failure raises before anything is returned.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from transformer_jax import models
+from transformer_jax.config import DTYPES, ModelConfig
+from transformer_jax.pretrained import bert, gpt2, llama, marian
+from transformer_jax.pretrained.common import Entry
+from transformer_jax.pretrained.safetensors_io import SINGLE_FILE, TensorSource, write_file
+from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
+from transformer_jax.pretrained.tokenizer import HFTokenizer
+
+FAMILIES = {t: family for family in (gpt2, bert, llama, marian) for t in family.MODEL_TYPES}
+MODEL_CLASSES = {"decoder_lm": models.DecoderLM, "encoder": models.Encoder,
+                 "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder}
+
+
+class Pretrained(NamedTuple):
+    """What `from_pretrained` returns.
+
+    model: a DecoderLM, Encoder, MaskedLM or EncoderDecoder; params: its parameters
+    (float32, `model.apply({"params": params}, ...)`); tokenizer: an `HFTokenizer` or
+    None; config: the `ModelConfig`; pooling: a `Pooling` for a sentence-transformers
+    directory, else None; hf_config: the directory's config.json as a dict (special
+    token ids such as eos_token_id and decoder_start_token_id live there).
+    """
+
+    model: nn.Module
+    params: dict
+    tokenizer: HFTokenizer | None
+    config: ModelConfig
+    pooling: Pooling | None = None
+    hf_config: dict | None = None
+
+
+def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
+                    mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+    """Load a Hugging Face model directory (config.json + safetensors weights).
+
+    Args:
+      path: a directory with `config.json`, `model.safetensors` or a sharded
+        `model.safetensors.index.json`, optionally `tokenizer.json`, and for a
+        sentence-transformers model `modules.json` + `1_Pooling/config.json`.
+      dtype: the compute dtype (`cfg.dtype`: "float32", "bfloat16", "float16"); None
+        keeps float32. Parameters are float32 whatever the checkpoint's dtype.
+      mesh: place each parameter with the shardings `transformer_jax.sharding` gives it
+        on this mesh (under `use_mesh`'s rules), tensor by tensor.
+
+    Raises:
+      ValueError: a missing directory or file, an unsupported model_type, architecture
+        or config option (named), a malformed or truncated safetensors file, a checkpoint
+        tensor the model does not have, a parameter no tensor fills, or a tensor of the
+        wrong shape (each named).
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"path={path!r} is not a directory")
+    hf = _read_json(os.path.join(path, "config.json"))
+    family = _family(hf.get("model_type"))
+    pooling = read_pooling(path)
+    cfg, kind = family.from_hf(hf, pooling is not None)
+    if dtype is not None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
+        cfg = dataclasses.replace(cfg, dtype=dtype)
+    model = MODEL_CLASSES[kind](cfg)
+    params = _load_params(path, family, cfg, kind, model, mesh)
+    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
+    return Pretrained(model, params, tokenizer, cfg, pooling, hf)
+
+
+def _family(model_type: Any):
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"model_type={model_type!r} is not supported; transformer_jax loads {sorted(FAMILIES)}")
+    return FAMILIES[model_type]
+
+
+def _max_length(path: str, cfg: ModelConfig) -> int:
+    """The longest input the model takes: sentence-transformers' max_seq_length, the
+    tokenizer's model_max_length, or the position table's length."""
+    for file, key in (("sentence_bert_config.json", "max_seq_length"),
+                      ("tokenizer_config.json", "model_max_length")):
+        full = os.path.join(path, file)
+        if os.path.isfile(full):
+            value = _read_json(full).get(key)
+            if isinstance(value, int) and 0 < value <= cfg.max_len:
+                return value
+    return cfg.max_len
+
+
+def abstract_params(model: nn.Module) -> Any:
+    """The model's parameters as boxed ShapeDtypeStructs (no memory allocated)."""
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    args = (tokens, tokens) if isinstance(model, models.EncoderDecoder) else (tokens,)
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
+def unboxed(tree: Any) -> Any:
+    """`tree` with every `nn.Partitioned` box replaced by its value. (`nn.unbox` would also
+    apply a sharding constraint under an active mesh, which abstract shapes cannot take.)"""
+    is_box = lambda x: isinstance(x, nn.Partitioned)  # noqa: E731
+    return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfig) -> None:
+    filled = [p for e in table for p in e.paths]
+    if sorted(filled) != sorted(shapes):  # the table is ours: a mismatch is a bug here
+        raise RuntimeError(
+            f"internal: the key table does not fill the model's parameters exactly "
+            f"(unfilled {sorted(set(shapes) - set(filled))[:3]}, unknown {sorted(set(filled) - set(shapes))[:3]})")
+
+
+def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Module, mesh) -> dict:
+    source = TensorSource(path)
+    table = family.entries(cfg, kind)
+    abstract = abstract_params(model)
+    flat_abstract = traverse_util.flatten_dict(unboxed(abstract))
+    shapes = {p: tuple(s.shape) for p, s in flat_abstract.items()}
+    _check_table(table, shapes, cfg)
+
+    names = {}
+    for key in source.infos:
+        canonical = family.normalize_key(key, kind)
+        if canonical in names:
+            raise ValueError(f"{path!r} holds the tensor {canonical!r} twice (as {names[canonical]!r} and {key!r})")
+        names[canonical] = key
+    wanted = {e.key for e in table}
+    ignorable = lambda k: bool(family.IGNORED.match(k)) or (cfg.tie_embeddings and k in family.TIED)  # noqa: E731
+    unexpected = sorted(k for k in names if k not in wanted and not ignorable(k))
+    if unexpected:
+        raise ValueError(
+            f"{path!r} holds tensors the {type(model).__name__} built from its config.json does "
+            f"not have: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+    missing = [e.key for e in table if e.key not in names]
+    if missing:
+        raise ValueError(
+            f"{path!r} lacks tensors that parameters of the {type(model).__name__} need: "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for e in table:
+        info = source.infos[names[e.key]]
+        if info.shape != e.shape:
+            raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has shape {list(info.shape)}, "
+                             f"expected {list(e.shape)} from config.json")
+        if info.dtype.kind != "f":
+            raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has dtype {info.dtype}, expected a float")
+
+    if mesh is not None:
+        from transformer_jax.sharding import state_shardings
+
+        shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
+    flat = {}
+    for e in table:
+        tensor = source.read(names[e.key]).astype(np.float32, copy=False)
+        for p, value in zip(e.paths, e.load(tensor)):
+            value = np.ascontiguousarray(value, np.float32)
+            flat[p] = jax.device_put(value, shardings[p]) if mesh is not None else jnp.asarray(value)
+        del tensor
+    return traverse_util.unflatten_dict(flat)
+
+
+def family_for(model: nn.Module):
+    """The checkpoint family that holds `model` (by kind and architecture)."""
+    cfg = model.cfg
+    if isinstance(model, (models.Encoder, models.MaskedLM)):
+        return bert
+    if isinstance(model, models.EncoderDecoder):
+        return marian
+    if isinstance(model, models.DecoderLM):
+        return gpt2 if cfg.norm == "layernorm" else llama
+    raise TypeError(f"model must be a DecoderLM, Encoder, MaskedLM or EncoderDecoder, got {type(model).__name__}")
+
+
+def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
+                    tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None) -> str:
+    """Write `model` and `params` as a Hugging Face directory transformers can load.
+
+    Writes config.json and model.safetensors (float32, one tensor at a time, each file
+    atomically), tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
+    modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
+    The families: Encoder / MaskedLM -> bert, DecoderLM with LayerNorm -> gpt2, with
+    RMSNorm -> llama (qwen2 with q/k/v biases, mistral with a sliding window),
+    EncoderDecoder -> marian. Returns `path`.
+
+    Raises:
+      ValueError: a model option the family's format cannot hold (named), or params that
+        do not match the model.
+    """
+    path = os.fspath(path)
+    family = family_for(model)
+    kind = next(k for k, c in MODEL_CLASSES.items() if type(model) is c)
+    cfg = model.cfg
+    family.check_config(cfg, kind)
+    if isinstance(params, dict) and set(params) == {"params"}:
+        params = params["params"]
+    flat = traverse_util.flatten_dict(unboxed(params))
+    shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract_params(model))).items()}
+    got = {p: tuple(np.shape(v)) for p, v in flat.items()}
+    if got != shapes:
+        wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
+        raise ValueError(f"params do not match the model built from its config: e.g. {'/'.join(wrong[0])}")
+    table = family.entries(cfg, kind)
+    os.makedirs(path, exist_ok=True)
+    tensors = [(e.key, e.shape, np.float32,
+                lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
+               for e in table]
+    write_file(os.path.join(path, SINGLE_FILE), tensors)
+    hf = {**family.to_hf(cfg, kind), "torch_dtype": "float32", "dtype": "float32"}
+    if tokenizer is not None:
+        for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
+                            ("eos_token_id", tokenizer.eos_id)):
+            if value >= 0:
+                hf.setdefault(name, value)
+        tokenizer.save(path)
+    _write_json(os.path.join(path, "config.json"), hf)
+    if pooling is not None:
+        write_pooling(path, pooling, cfg.d_model)
+    return path
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ValueError(f"{path!r} is missing")
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path!r} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path!r} does not hold a JSON object")
+    return data
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)

@@ -1,0 +1,173 @@
+"""The safetensors format, read one tensor at a time and written as a stream.
+
+A file is: 8 bytes (little-endian u64) N, N bytes of JSON mapping each tensor name to
+`{"dtype", "shape", "data_offsets": [begin, end]}` (offsets into the data that follows;
+an optional "__metadata__" of strings), then the data. This module parses the header
+itself and reads each tensor with one `seek` + `np.fromfile`, so loading never maps or
+holds the whole file: host memory holds the tensor being converted and nothing else.
+(The `safetensors` library's `safe_open` memory-maps the file, whose pages then count
+in the process's memory, and its NumPy side has no bfloat16; the library is the
+reference these readers and writers are tested against.)
+
+A sharded checkpoint is a `model.safetensors.index.json` whose "weight_map" names the
+file of each tensor; `TensorSource` reads either layout.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from typing import Callable, Iterable, NamedTuple
+
+import ml_dtypes
+import numpy as np
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+
+DTYPES = {
+    "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class TensorInfo(NamedTuple):
+    """Where one tensor lies: its file, dtype, shape and absolute byte range."""
+
+    file: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_header(file: str) -> dict[str, TensorInfo]:
+    """The tensors of one safetensors `file`, checked against the file's size.
+
+    Raises ValueError naming the file (and the tensor) when the header is malformed or
+    the file is too short for a tensor (a truncated download).
+    """
+    size = os.path.getsize(file)
+    with open(file, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{file!r} is not a safetensors file: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", prefix)
+        if n > _MAX_HEADER or 8 + n > size:
+            raise ValueError(
+                f"{file!r} is truncated or not a safetensors file: header of {n} bytes, file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{file!r} has a malformed safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file!r} has a malformed safetensors header (not a JSON object)")
+    start, tensors = 8 + n, {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(
+                f"{file!r}: tensor {name!r} has a malformed header entry {entry!r} "
+                f"(dtypes known: {sorted(DTYPES)})") from None
+        if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+            raise ValueError(
+                f"{file!r}: tensor {name!r} {entry['dtype']}{list(shape)} spans bytes "
+                f"[{begin}, {end}), which does not fit its shape")
+        if start + end > size:
+            raise ValueError(
+                f"{file!r} is truncated: tensor {name!r} needs bytes up to {start + end}, "
+                f"the file has {size}")
+        tensors[name] = TensorInfo(file, dtype, shape, start + begin, start + end)
+    return tensors
+
+
+def read_tensor(info: TensorInfo) -> np.ndarray:
+    """The tensor described by `info` as a new NumPy array (one read, no memory map)."""
+    count = math.prod(info.shape)
+    with open(info.file, "rb") as f:
+        f.seek(info.begin)
+        data = np.fromfile(f, dtype=info.dtype.newbyteorder("<"), count=count)
+    if data.size != count:
+        raise ValueError(f"{info.file!r} is truncated: a tensor at byte {info.begin} is cut short")
+    return data.astype(info.dtype, copy=False).reshape(info.shape)
+
+
+class TensorSource:
+    """The tensors of a checkpoint directory: one `model.safetensors` or a sharded index.
+
+    `infos` maps each tensor name to its `TensorInfo` (headers only are read).
+    """
+
+    def __init__(self, directory: str):
+        index = os.path.join(directory, INDEX_FILE)
+        single = os.path.join(directory, SINGLE_FILE)
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    raise ValueError(f"{index!r} is not a safetensors index (no weight_map): {e}") from None
+            self.infos: dict[str, TensorInfo] = {}
+            for shard in sorted(set(weight_map.values())):
+                path = os.path.join(directory, shard)
+                if not os.path.isfile(path):
+                    raise ValueError(f"{index!r} names the shard {shard!r}, which is missing")
+                self.infos.update(read_header(path))
+            missing = sorted(set(weight_map) - set(self.infos))
+            if missing:
+                raise ValueError(f"{index!r} lists tensors its shards do not hold, e.g. {missing[:3]}")
+        elif os.path.isfile(single):
+            self.infos = read_header(single)
+        else:
+            raise ValueError(
+                f"{directory!r} holds no weights: expected {SINGLE_FILE} or {INDEX_FILE} "
+                "(PyTorch .bin checkpoints are not read: convert them to safetensors)")
+
+    def read(self, name: str) -> np.ndarray:
+        return read_tensor(self.infos[name])
+
+
+def write_file(
+    file: str,
+    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Write a safetensors `file` atomically, producing one tensor at a time.
+
+    tensors: (name, shape, dtype, produce) with `produce()` returning that array; it is
+    called once per tensor, while writing, so only one tensor is in host memory.
+    """
+    tensors = list(tensors)
+    header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape, dtype, _ in tensors:
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": _NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    tmp = f"{file}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for name, shape, dtype, produce in tensors:
+                array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype).newbyteorder("<"))
+                if array.shape != tuple(shape):
+                    raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
+                f.write(array.tobytes())
+        os.replace(tmp, file)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
