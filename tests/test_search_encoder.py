@@ -1,6 +1,5 @@
 """SentenceEncoder: pooling against float64 NumPy on unpadded forward passes, batch-size and
 bucket independence, truncation, loading a train.py run and a Pretrained-shaped model."""
-import collections
 import json
 import os
 
@@ -9,18 +8,16 @@ import numpy as np
 import pytest
 
 import train
-import transformer_jax
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig
 from transformer_jax.models import Encoder
+from transformer_jax.pretrained import Pooling, Pretrained
 from transformer_jax.search import SentenceEncoder
+from transformer_jax.search import encoder as encoder_module
 from transformer_jax.tokenizers import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-# The shape of transformer_jax.from_pretrained's result (issue 11) and of its pooling record.
-Pretrained = collections.namedtuple("Pretrained", "model params tokenizer config pooling")
-Pooling = collections.namedtuple("Pooling", "mode normalize")
 MAX_LEN = 24
 
 
@@ -124,20 +121,33 @@ def test_bad_inputs(pretrained, mean_encoder):
         make_encoder(pretrained, pooling="sum")
 
 
+class TruncatingTokenizer(CharTokenizerWithSpecials):
+    """Cuts at max_length itself, keeping [SEP], as the Hugging Face tokenizer of a model does."""
+
+    max_length = 16
+
+    def encode(self, text):
+        return super().encode_batch([text])[0][1:-1]
+
+    def encode_batch(self, texts):
+        return [x if x.size <= self.max_length else np.concatenate([x[:self.max_length - 1], x[-1:]])
+                for x in super().encode_batch(texts)]
+
+
 def test_load_pretrained_directory(pretrained, texts, hidden_alone, tmp_path, monkeypatch):
-    """Through `from_pretrained`'s agreed interface: pooling and normalisation from the model's
-    files, max_seq_length from sentence_bert_config.json; without pooling info, mean + a warning."""
+    """Through `from_pretrained`'s interface: pooling and normalisation from the model's files,
+    the tokenizer's max_length, its own truncation reported; without pooling, mean + a warning."""
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 16}))
-    results = {"pooling": Pooling("first", True)}
-    monkeypatch.setattr(transformer_jax, "from_pretrained",
-                        lambda path: pretrained._replace(pooling=results["pooling"]), raising=False)
+    result = pretrained._replace(tokenizer=TruncatingTokenizer(), pooling=Pooling("first", True))
+    monkeypatch.setattr(encoder_module, "from_pretrained", lambda path: result)
     encoder = SentenceEncoder.load(tmp_path)
     assert (encoder.pooling, encoder.normalize, encoder.max_length) == ("first", True, 16)
     short = [i for i, t in enumerate(texts) if len(t) <= 14]  # 16 tokens with the specials
     np.testing.assert_allclose(encoder.encode([texts[i] for i in short]),
                                reference_pool([hidden_alone[i] for i in short], "first", True), atol=2e-5)
-    results["pooling"] = None
+    with pytest.warns(UserWarning, match="1 of 2 texts are longer than the model's context of 16"):
+        encoder.encode(["a" * 14, "b" * 15])  # 16 tokens (fits), 17 (cut by the tokenizer)
+    result = result._replace(pooling=None)
     with pytest.warns(UserWarning, match="records no pooling: using mean pooling"):
         encoder = SentenceEncoder.load(tmp_path)
     assert (encoder.pooling, encoder.normalize) == ("mean", False)

@@ -21,16 +21,16 @@ import json
 import os
 import sys
 import warnings
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax.models.encoder import pool
+from transformer_jax.models.encoder import POOLING
+from transformer_jax.pretrained import Pooling, from_pretrained
 from transformer_jax.search.index import ModelStamp
 
-POOLING_MODES = ("mean", "first", "max")
 # Length buckets: powers of two and 1.5x powers of two, capped at the model's context.
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
 PROGRESS_MIN_TEXTS = 1000  # show a progress bar (when not told) from this many texts
@@ -55,8 +55,8 @@ class SentenceEncoder:
     def __init__(self, model: Any, params: Any, tokenizer: Any, *, pooling: str = "mean",
                  normalize: bool = False, max_length: int, name: str, path: str | None = None,
                  buckets: Sequence[int] = DEFAULT_BUCKETS):
-        if pooling not in POOLING_MODES:
-            raise ValueError(f"pooling={pooling!r}: expected one of {POOLING_MODES}")
+        if pooling not in POOLING:
+            raise ValueError(f"pooling={pooling!r}: expected one of {POOLING}")
         if not (isinstance(max_length, int) and max_length >= 1):
             raise ValueError(f"max_length={max_length!r}: expected a positive int")
         if not all(isinstance(b, int) and b >= 1 for b in buckets):
@@ -66,9 +66,10 @@ class SentenceEncoder:
                 raise TypeError(f"tokenizer {type(tokenizer).__name__} has no {attribute!r}")
         self.model, self.params, self.tokenizer = model, params, tokenizer
         self.pooling, self.normalize, self.max_length = pooling, bool(normalize), max_length
+        self._pool = Pooling(pooling, bool(normalize))
         self.name, self.path = name, path
         self.buckets = tuple(sorted({b for b in buckets if b < max_length} | {max_length}))
-        self._closing = _closing_specials(tokenizer)
+        self._added, self._closing = _special_counts(tokenizer)
         self._hash: str | None = None
         self._embed = jax.jit(self._counted_embed_batch)
         self.traces = 0  # how many shapes were compiled (for tests and benchmarks)
@@ -89,7 +90,6 @@ class SentenceEncoder:
             normalize = False
             name = os.path.basename(os.path.normpath(path))
         else:
-            from transformer_jax import from_pretrained  # the pretrained-model loader (issue 11)
             pretrained = from_pretrained(path)
             model, params, tokenizer = pretrained.model, pretrained.params, pretrained.tokenizer
             if tokenizer is None:
@@ -97,8 +97,8 @@ class SentenceEncoder:
             pooling_info = getattr(pretrained, "pooling", None)
             pooling = None if pooling_info is None else pooling_info.mode
             normalize = bool(pooling_info is not None and pooling_info.normalize)
-            max_length = _pretrained_max_length(path, tokenizer, pretrained.config)
-            name = _pretrained_name(path)
+            max_length = int(getattr(tokenizer, "max_length", None) or pretrained.config.max_len)
+            name = os.path.basename(os.path.normpath(path))
         if pooling is None:
             warnings.warn(f"{path!r} records no pooling: using mean pooling over the tokens",
                           stacklevel=2)
@@ -175,16 +175,26 @@ class SentenceEncoder:
         if empty:
             raise ValueError(f"texts[{empty[0]}] = {texts[empty[0]]!r:.60} gives no tokens "
                              f"({len(empty)} text(s) do): nothing to embed")
-        long = [i for i, x in enumerate(ids) if x.size > self.max_length]
+        long = []
+        keep = self.max_length - self._closing
+        for i, x in enumerate(ids):
+            if x.size > self.max_length:
+                ids[i] = np.concatenate([x[:keep], x[x.size - self._closing:]])
+                long.append(i)
+            elif x.size == self.max_length and self._cut_by_tokenizer(texts[i]):
+                long.append(i)
         if long:
-            keep = self.max_length - self._closing
-            for i in long:
-                ids[i] = np.concatenate([ids[i][:keep], ids[i][ids[i].size - self._closing:]])
             warnings.warn(
                 f"{len(long)} of {len(texts)} texts are longer than the model's context of "
                 f"{self.max_length} tokens (e.g. texts[{long[0]}]); they were truncated to their "
                 f"first {self.max_length} tokens", stacklevel=3)
         return ids
+
+    def _cut_by_tokenizer(self, text: str) -> bool:
+        """Whether a tokenizer that truncates by itself (Hugging Face's, at max_length) cut
+        `text`: its ids without specials, untruncated, plus the specials exceed max_length."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return encode is not None and len(encode(text)) + self._added > self.max_length
 
     def _pad(self, rows: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """int32 tokens and bool mask [rows', bucket]: rows' a power of two (<= batch_size,
@@ -207,21 +217,7 @@ class SentenceEncoder:
     def _embed_batch(self, params: Any, tokens: jax.Array, mask: jax.Array) -> jax.Array:
         """tokens int32 [b, t], mask bool [b, t] -> float32 [b, d]: forward, pool, normalise."""
         hidden = self.model.apply({"params": params}, tokens, padding_mask=mask)
-        return pool_hidden(hidden, mask, self.pooling, self.normalize)
-
-
-def pool_hidden(hidden: jax.Array, mask: jax.Array, mode: str, normalize: bool) -> jax.Array:
-    """Sentence vectors float32 [b, d] from hidden states [b, t, d] and mask bool [b, t]
-    (True = real token): mean, first or max over real tokens, then optionally divided by
-    the L2 norm (at least 1e-12, as torch's F.normalize)."""
-    if mode == "max":
-        pooled = jnp.where(mask[..., None], hidden.astype(jnp.float32), -jnp.inf).max(axis=1)
-    else:
-        pooled = pool(hidden, mask, mode)
-    if normalize:
-        norm = jnp.linalg.norm(pooled, axis=-1, keepdims=True)
-        pooled = pooled / jnp.maximum(norm, 1e-12)
-    return pooled
+        return self._pool(hidden, mask)
 
 
 # ---------------------------------------------------------------------- sources
@@ -266,7 +262,7 @@ def load_run_encoder(run_dir: str) -> tuple[Any, Any, Any, Any, str | None]:
 class PlainTokenizer:
     """A package tokenizer seen through `encode_batch` (no special tokens: runs train without)."""
 
-    closing_specials = 0
+    added_specials = closing_specials = 0
 
     def __init__(self, tokenizer: Any):
         self.tokenizer = tokenizer
@@ -276,46 +272,19 @@ class PlainTokenizer:
         return [self.tokenizer.encode(text) for text in texts]
 
 
-def _pretrained_max_length(path: str, tokenizer: Any, config: Any) -> int:
-    """sentence-transformers' max_seq_length where recorded, else the tokenizer's, capped
-    at the model's positions."""
-    limit = getattr(config, "max_len", None)
-    candidates = []
-    st_config = os.path.join(path, "sentence_bert_config.json")
-    if os.path.isfile(st_config):
-        with open(st_config) as f:
-            candidates.append(json.load(f).get("max_seq_length"))
-    for attribute in ("max_length", "model_max_length"):
-        candidates.append(getattr(tokenizer, attribute, None))
-    for value in candidates:
-        if isinstance(value, int) and 0 < value < 10**6:
-            return min(value, limit) if limit else value
-    if not limit:
-        raise ValueError(f"{path!r}: cannot tell the model's maximum input length")
-    return limit
-
-
-def _pretrained_name(path: str) -> str:
-    config = os.path.join(path, "config.json")
-    if os.path.isfile(config):
-        with open(config) as f:
-            name = json.load(f).get("_name_or_path")
-        if isinstance(name, str) and name and not os.path.isabs(name):
-            return name
-    return os.path.basename(os.path.normpath(path))
-
-
-def _closing_specials(tokenizer: Any) -> int:
-    """How many special ids the tokenizer appends after a text (BERT: 1, [SEP]), found by
-    comparing the encodings of "" and of "a": what follows their common prefix in ""'s.
-    A tokenizer may say it directly with an int attribute `closing_specials`."""
-    if isinstance(getattr(tokenizer, "closing_specials", None), int):
-        return tokenizer.closing_specials
+def _special_counts(tokenizer: Any) -> tuple[int, int]:
+    """(special ids added to a text, how many of them come after it): BERT (2, 1) for
+    [CLS] ... [SEP]. Found from the encodings of "" and "a": "" gives the specials alone,
+    and what follows its common prefix with "a"'s comes after the text. A tokenizer may
+    state both as int attributes `added_specials` and `closing_specials`."""
+    stated = getattr(tokenizer, "added_specials", None), getattr(tokenizer, "closing_specials", None)
+    if all(isinstance(n, int) for n in stated):
+        return stated
     empty, one = (list(np.asarray(x).reshape(-1)) for x in tokenizer.encode_batch(["", "a"]))
     prefix = 0
     while prefix < min(len(empty), len(one)) and empty[prefix] == one[prefix]:
         prefix += 1
-    return len(empty) - prefix
+    return len(empty), len(empty) - prefix
 
 
 def _progress(batches: list, show: bool, total: int, batch_size: int) -> Any:
