@@ -80,6 +80,7 @@ class VectorIndex:
         self._id_set: set = set()
         self._texts: list[str] | None = None if texts is None else []
         self._device: tuple | None = None
+        self._id_cache: np.ndarray | None = None
         self.add(embeddings, ids=ids, texts=texts)
 
     # ------------------------------------------------------------------ contents
@@ -134,7 +135,7 @@ class VectorIndex:
         self._id_set.update(ids)
         if texts is not None:
             self._texts.extend(texts)
-        self._device = None  # re-placed on the next search
+        self._device = self._id_cache = None  # rebuilt on the next search
 
     # ------------------------------------------------------------------ search
 
@@ -187,9 +188,11 @@ class VectorIndex:
                 f"{stamp.weights_sha256[:12]}...): query it with the same model, or rebuild it")
 
     def _id_array(self) -> np.ndarray:
-        if all(isinstance(i, (int, np.integer)) for i in self._ids):
-            return np.asarray(self._ids, np.int64)
-        return np.asarray(self._ids, dtype=object)
+        """The ids as an array (int64, or object for str ids), cached until the next add."""
+        if self._id_cache is None:
+            is_str = bool(self._ids) and isinstance(self._ids[0], str)
+            self._id_cache = np.asarray(self._ids, dtype=object if is_str else np.int64)
+        return self._id_cache
 
     def _placed(self) -> tuple[jax.Array, jax.Array, int]:
         """The corpus on the device(s), normalised for cosine and padded to whole chunks."""

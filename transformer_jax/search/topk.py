@@ -1,14 +1,14 @@
 """Exact top-k by inner product over a corpus, in chunks, on one device or split over a mesh.
 
 The corpus is scanned `chunk` rows at a time: each chunk's scores `[m, chunk]` are
-reduced to their top k and merged into a running top k, so memory stays
-`O(m * chunk)` whatever the corpus size. On a mesh the corpus rows are split over
+reduced to their top k, and the chunks' top k are merged at the end, so memory stays
+`O(m * (chunk + chunks * k))` whatever the corpus size. On a mesh the corpus rows are split over
 every device; each device runs the same scan over its rows and the per-device
 top k are merged once at the end.
 
 Ties are broken by the lower corpus row, deterministically: `lax.top_k` puts the
 lower position first among equal values, and every merge concatenates lower rows
-before higher ones (running best before a later chunk; device 0 before device 1).
+before higher ones (chunk 0 before chunk 1; device 0 before device 1).
 """
 from __future__ import annotations
 
@@ -27,30 +27,35 @@ def _chunked_top_k(queries: jax.Array, corpus: jax.Array, valid_rows: jax.Array,
     queries float32 [m, d]; corpus float32 [r, d] with r a multiple of `chunk`;
     valid_rows an int32 scalar. Returns scores float32 [m, k] (descending) and
     row indices int32 [m, k] into `corpus`; slots beyond the valid rows hold -inf.
+    Each chunk keeps its own top k ([chunks, m, k] in all); one final top_k merges them.
     """
-    m = queries.shape[0]
     num_chunks = corpus.shape[0] // chunk
     chunk_k = min(k, chunk)
-    chunks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
-    starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
 
-    def step(best, inputs):
-        best_scores, best_rows = best
-        block, start = inputs
+    def chunk_top_k(block, start):
         scores = jnp.dot(queries, block.T, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
         rows = start + jnp.arange(chunk, dtype=jnp.int32)
         scores = jnp.where(rows[None, :] < valid_rows, scores, -jnp.inf)
         top_scores, top_pos = jax.lax.top_k(scores, chunk_k)
-        # Running best first: among equal scores the earlier (lower) rows win.
-        merged_scores = jnp.concatenate([best_scores, top_scores], axis=1)
-        merged_rows = jnp.concatenate([best_rows, top_pos + start], axis=1)
-        new_scores, pick = jax.lax.top_k(merged_scores, k)
-        return (new_scores, jnp.take_along_axis(merged_rows, pick, axis=1)), None
+        return top_scores, top_pos + start
 
-    init = (jnp.full((m, k), -jnp.inf, jnp.float32), jnp.full((m, k), -1, jnp.int32))
-    (scores, rows), _ = jax.lax.scan(step, init, (chunks, starts))
-    return scores, rows
+    if num_chunks == 1:
+        scores, rows = chunk_top_k(corpus, jnp.int32(0))
+    else:
+        chunks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
+        starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
+        _, (scores, rows) = jax.lax.scan(lambda carry, xs: (carry, chunk_top_k(*xs)), None,
+                                         (chunks, starts))
+        # [m, chunks * chunk_k] in chunk order: among equal scores the lower rows come first.
+        scores = jnp.moveaxis(scores, 0, 1).reshape(queries.shape[0], -1)
+        rows = jnp.moveaxis(rows, 0, 1).reshape(queries.shape[0], -1)
+    if scores.shape[1] < k:  # a device holding fewer rows than k: pad with empty slots
+        pad = ((0, 0), (0, k - scores.shape[1]))
+        scores = jnp.pad(scores, pad, constant_values=-jnp.inf)
+        rows = jnp.pad(rows, pad, constant_values=-1)
+    top, pick = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(rows, pick, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "chunk"))
