@@ -10,7 +10,7 @@ import pytest
 import train
 from transformer_jax.checkpoint import Checkpointer
 from transformer_jax.config import ModelConfig
-from transformer_jax.models import Encoder
+from transformer_jax.models import DecoderLM, Encoder, MaskedLM
 from transformer_jax.pretrained import Pooling, Pretrained
 from transformer_jax.search import SentenceEncoder
 from transformer_jax.search import encoder as encoder_module
@@ -119,6 +119,10 @@ def test_bad_inputs(pretrained, mean_encoder):
         encoder.encode(["a"], batch_size=0)
     with pytest.raises(ValueError, match="pooling='sum'"):
         make_encoder(pretrained, pooling="sum")
+    model, params = encoder_module.encoder_of(MaskedLM(pretrained.config), {"encoder": "P"}, "dir")
+    assert isinstance(model, Encoder) and model.cfg == pretrained.config and params == "P"
+    with pytest.raises(ValueError, match="'dir' holds a DecoderLM, not an encoder"):
+        encoder_module.encoder_of(DecoderLM(pretrained.config), {}, "dir")
 
 
 class TruncatingTokenizer(CharTokenizerWithSpecials):

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transformer_jax.models import Encoder, MaskedLM, SequenceClassifier
 from transformer_jax.models.encoder import POOLING
 from transformer_jax.pretrained import Pooling, from_pretrained
 from transformer_jax.search.index import ModelStamp
@@ -91,7 +92,8 @@ class SentenceEncoder:
             name = os.path.basename(os.path.normpath(path))
         else:
             pretrained = from_pretrained(path)
-            model, params, tokenizer = pretrained.model, pretrained.params, pretrained.tokenizer
+            model, params = encoder_of(pretrained.model, pretrained.params, path)
+            tokenizer = pretrained.tokenizer
             if tokenizer is None:
                 raise ValueError(f"{path!r} has no tokenizer (tokenizer.json): cannot encode texts")
             pooling_info = getattr(pretrained, "pooling", None)
@@ -242,7 +244,6 @@ def load_run_encoder(run_dir: str) -> tuple[Any, Any, Any, Any, str | None]:
     """
     from transformer_jax.checkpoint import Checkpointer
     from transformer_jax.config import ModelConfig
-    from transformer_jax.models import Encoder
     from transformer_jax.tokenizers import load_tokenizer
 
     with open(os.path.join(run_dir, "config.json")) as f:
@@ -256,7 +257,20 @@ def load_run_encoder(run_dir: str) -> tuple[Any, Any, Any, Any, str | None]:
         params = ckpt.restore_params()
     # A classify run pooled as it was trained; an mlm run never pooled.
     pooling = config["train"].get("pooling") if objective == "classify" else None
-    return Encoder(cfg), params["encoder"], PlainTokenizer(load_tokenizer(run_dir)), cfg, pooling
+    model, params = encoder_of(MaskedLM(cfg) if objective == "mlm" else SequenceClassifier(cfg, 1),
+                               params, run_dir)
+    return model, params, PlainTokenizer(load_tokenizer(run_dir)), cfg, pooling
+
+
+def encoder_of(model: Any, params: Any, source: str) -> tuple[Any, Any]:
+    """(Encoder, its params) inside `model`: the model itself, or the `encoder` of a head
+    (MaskedLM, SequenceClassifier). Anything else (a decoder) is a ValueError."""
+    if isinstance(model, Encoder):
+        return model, params
+    if isinstance(model, (MaskedLM, SequenceClassifier)):
+        return Encoder(model.cfg), params["encoder"]
+    raise ValueError(f"{source!r} holds a {type(model).__name__}, not an encoder: a sentence "
+                     "encoder needs a bidirectional Encoder (BERT-style) model")
 
 
 class PlainTokenizer:
