@@ -100,13 +100,16 @@ def corpus_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def padded_layout(num_rows: int, chunk_size: int, num_devices: int) -> tuple[int, int]:
-    """(chunk, rows per device) for `num_rows` split over `num_devices`: each device holds a
-    whole number of chunks, and a chunk is at most `chunk_size` rows (fewer for a small
-    corpus, rounded up to 8, so a 100-row corpus is not padded to thousands of rows)."""
+    """(chunk, rows per device) for `num_rows` split over `num_devices`.
+
+    A chunk is `chunk_size` rows, or fewer for a small corpus (all its rows, rounded up
+    to 8), whatever the number of devices; each device holds whole chunks. So the chunks
+    of a mesh are exactly those of one device (same rows, same shapes), and a mesh gives
+    bit-identical scores and ids; a device pads at most one chunk.
+    """
+    chunk = min(chunk_size, -(-num_rows // 8) * 8)
     per_device = -(-num_rows // num_devices)
-    chunk = min(chunk_size, max(8, -(-per_device // 8) * 8))
-    per_device = -(-per_device // chunk) * chunk
-    return chunk, per_device
+    return chunk, -(-per_device // chunk) * chunk
 
 
 def pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
