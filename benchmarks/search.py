@@ -20,6 +20,9 @@ from __future__ import annotations
 import os
 import sys
 
+# Idle OpenMP threads (faiss, torch) sleep instead of spinning: on a shared 2-core machine a
+# spinning pool left by one library's call would slow the next library's call.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "--no-fake-devices" not in sys.argv:  # before jax is imported: 8 CPU devices for part (3)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
