@@ -23,7 +23,7 @@ from transformer_jax.pretrained.safetensors_io import read_header
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
-ALL = (*CAUSAL, "bert", "marian")
+ALL = (*CAUSAL, "bert", "bert_classifier", "marian")
 PAD_MARIAN = 95  # the marian fixture's pad = decoder start id
 
 
@@ -34,7 +34,7 @@ def golden(name: str) -> dict[str, np.ndarray]:
 def logits_of(pre, name: str, g: dict) -> np.ndarray:
     v = {"params": pre.params}
     tokens = jnp.asarray(g["tokens"], jnp.int32)
-    if name == "bert":
+    if name.startswith("bert"):
         return np.asarray(pre.model.apply(v, tokens, padding_mask=jnp.asarray(g["mask"]),
                                           token_type_ids=jnp.asarray(g["token_type_ids"], jnp.int32)))
     if name == "marian":
@@ -48,7 +48,7 @@ def test_logits_match_transformers(name):
     g = golden(name)
     pre = from_pretrained(os.path.join(FIXTURES, name))
     ours = logits_of(pre, name, g)
-    real = g["mask"] if name == "bert" else np.ones(ours.shape[:2], bool)  # padding slots: meaningless
+    real = g["mask"] if name == "bert" else np.ones(ours.shape[:-1], bool)  # padding slots: meaningless
     assert ours.dtype == np.float32 and ours.shape == g["logits"].shape
     assert np.abs(g["logits"]).max() > 3  # the fixture's weights make every detail count
     np.testing.assert_allclose(ours[real], g["logits"][real], atol=1e-4, rtol=0)
@@ -83,6 +83,8 @@ def test_config_mapping():
     assert bert.config.dtype == "bfloat16" and type(bert.model).__name__ == "MaskedLM"
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(bert.params))
     assert bert.tokenizer is None and bert.pooling is None
+    clf = from_pretrained(os.path.join(FIXTURES, "bert_classifier")).model
+    assert (type(clf).__name__, clf.num_classes, clf.pooling, clf.pooler) == ("SequenceClassifier", 3, "first", True)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -200,9 +202,8 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path):
     from transformer_jax import DecoderLM, get_config
 
     model = DecoderLM(get_config("tiny", pos_encoding="rotary"))  # GPT-2 has learned positions
-    params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
     with pytest.raises(ValueError, match="pos_encoding='rotary' cannot be saved as a gpt2"):
-        save_pretrained(tmp_path, model, params)
+        save_pretrained(tmp_path, model, {})  # refused from the config, before the params
     pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
     broken = jax.tree.map(lambda x: x, pre.params)
     del broken["final_norm"]
@@ -235,3 +236,31 @@ def test_pooling_modes():
     expected = np.stack([hidden[i][mask[i]].mean(0) for i in range(2)])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(out, expected, rtol=1e-6)
+
+
+def test_suppress_ids_are_validated_before_compiling():
+    pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
+    for bad in ([96], [-1], ["a"], list(range(96))):
+        with pytest.raises(ValueError, match="suppress_ids"):
+            generate(pre.model, pre.params, [[1, 2]], max_new_tokens=2, suppress_ids=bad)
+
+
+def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
+    """A bf16 checkpoint (written by our writer; transformers' own reader is the reference
+    for the format) loads as the float32 values of its bf16 numbers."""
+    import ml_dtypes
+
+    from transformer_jax.pretrained.safetensors_io import write_file
+
+    path = copy_fixture("qwen2", tmp_path)
+    file = os.path.join(path, "model.safetensors")
+    tensors = load_file(file)
+    halved = {k: v.astype(ml_dtypes.bfloat16) for k, v in tensors.items()}
+    write_file(file, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in halved.items()])
+    with open(file, "rb") as f:  # the header names the dtype as the format does
+        assert b'"dtype":"BF16"' in f.read(4096)
+    pre = from_pretrained(path)
+    reference = from_pretrained(os.path.join(FIXTURES, "qwen2"))
+    rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
+                           reference.params)
+    jax.tree.map(np.testing.assert_array_equal, pre.params, rounded)

@@ -5,8 +5,9 @@
     save_pretrained(out_dir, pre.model, pre.params, pre.tokenizer)   # transformers loads out_dir
 
 Supported `model_type`s: gpt2 (-> DecoderLM), bert (BertModel or a sentence-transformers
-directory -> Encoder, BertForMaskedLM -> MaskedLM), llama, mistral, qwen2 (-> DecoderLM),
-marian (-> EncoderDecoder). Anything else, or a config option the package lacks (rope
+directory -> Encoder, BertForMaskedLM -> MaskedLM, BertForSequenceClassification ->
+SequenceClassifier with pooling "first" and the pooler), llama, mistral, qwen2
+(-> DecoderLM), marian (-> EncoderDecoder). Anything else, or a config option the package lacks (rope
 scaling, relative positions, ...), is a ValueError naming it.
 
 The interface a sentence encoder builds on (kept stable):

@@ -1,11 +1,12 @@
-"""BERT (`model_type` "bert": BertModel -> Encoder, BertForMaskedLM -> MaskedLM).
+"""BERT (`model_type` "bert": BertModel -> Encoder, BertForMaskedLM -> MaskedLM,
+BertForSequenceClassification -> SequenceClassifier with `pooling="first", pooler=True`).
 
 BERT is post-norm with an embedding LayerNorm over word + position + token-type
 embeddings, and "gelu" is the exact (erf) GELU. The MLM head (`cls.predictions`) is
 dense, GELU, LayerNorm, the tied read-out and a bias. A sentence-transformers directory
 (all-MiniLM-L6-v2) is a BertModel whose keys have no "bert." prefix. The pooler
 (`pooler.dense`, used by BertForSequenceClassification) is not part of an Encoder or a
-MaskedLM and is skipped.
+MaskedLM and is skipped there; a classifier uses it.
 """
 from __future__ import annotations
 
@@ -37,10 +38,13 @@ def from_hf(hf: dict, sentence: bool) -> tuple[ModelConfig, str]:
         kind = "encoder"
     elif any(a in ("BertForMaskedLM", "BertForPreTraining") for a in archs):
         kind = "masked_lm"
+    elif "BertForSequenceClassification" in archs:
+        kind = "classifier"
     else:
         raise ValueError(
             f"config.json names the architectures {archs}; transformer_jax loads BertModel "
-            "(as an Encoder) and BertForMaskedLM / BertForPreTraining (as a MaskedLM)")
+            "(as an Encoder), BertForMaskedLM / BertForPreTraining (as a MaskedLM) and "
+            "BertForSequenceClassification (as a SequenceClassifier)")
     cfg = ModelConfig(
         vocab_size=get(hf, "vocab_size", t), max_len=get(hf, "max_position_embeddings", t),
         d_model=get(hf, "hidden_size", t), num_heads=get(hf, "num_attention_heads", t),
@@ -55,10 +59,21 @@ def from_hf(hf: dict, sentence: bool) -> tuple[ModelConfig, str]:
     return cfg, kind
 
 
-def to_hf(cfg: ModelConfig, kind: str) -> dict:
+def num_labels(hf: dict) -> int:
+    """Classes of a BertForSequenceClassification config (id2label, else num_labels, else 2)."""
+    labels = hf.get("id2label")
+    return len(labels) if labels else int(hf.get("num_labels", 2))
+
+
+def to_hf(cfg: ModelConfig, kind: str, num_classes: int | None = None) -> dict:
+    arch = {"masked_lm": "BertForMaskedLM", "encoder": "BertModel",
+            "classifier": "BertForSequenceClassification"}[kind]
+    labels = {} if num_classes is None else {
+        "id2label": {str(i): f"LABEL_{i}" for i in range(num_classes)},
+        "label2id": {f"LABEL_{i}": i for i in range(num_classes)}}
     return {
-        "model_type": "bert",
-        "architectures": ["BertForMaskedLM" if kind == "masked_lm" else "BertModel"],
+        **labels, "model_type": "bert",
+        "architectures": [arch],
         "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_len,
         "hidden_size": cfg.d_model, "num_attention_heads": cfg.num_heads,
         "num_hidden_layers": cfg.num_layers, "intermediate_size": cfg.d_ff,
@@ -71,8 +86,8 @@ def to_hf(cfg: ModelConfig, kind: str) -> dict:
 
 
 def check_config(cfg: ModelConfig, kind: str) -> None:
-    if kind not in ("encoder", "masked_lm"):
-        raise ValueError(f"a bert checkpoint holds an encoder or masked_lm, got a {kind}")
+    if kind not in ("encoder", "masked_lm", "classifier"):
+        raise ValueError(f"a bert checkpoint holds an encoder, masked_lm or classifier, got a {kind}")
     wanted = dict(norm="layernorm", norm_position="post", pos_encoding="learned", use_bias=True,
                   qkv_bias=None, num_kv_heads=None, scale_embeddings=False, embedding_norm=True,
                   sliding_window=None)
@@ -88,10 +103,10 @@ def check_config(cfg: ModelConfig, kind: str) -> None:
 def normalize_key(key: str, kind: str) -> str:
     if kind == "encoder":
         return key[len("bert."):] if key.startswith("bert.") else key
-    return key if key.startswith(("bert.", "cls.")) else "bert." + key
+    return key if key.startswith(("bert.", "cls.", "classifier.")) else "bert." + key
 
 
-def entries(cfg: ModelConfig, kind: str) -> list[Entry]:
+def entries(cfg: ModelConfig, kind: str, num_classes: int | None = None) -> list[Entry]:
     d = cfg.d_model
     base, ours = ("", ()) if kind == "encoder" else ("bert.", ("encoder",))
     emb = (*ours, "embedder")
@@ -105,6 +120,13 @@ def entries(cfg: ModelConfig, kind: str) -> list[Entry]:
     ]
     for i in range(cfg.num_layers):
         out += block_entries(f"{base}encoder.layer.{i}", (*ours, "blocks", f"layer_{i}"), cfg, _NAMES)
+    if kind == "classifier":
+        out += [
+            linear("bert.pooler.dense.weight", d, d, ("pooler", "kernel")),
+            same("bert.pooler.dense.bias", (d,), ("pooler", "bias")),
+            linear("classifier.weight", d, num_classes, ("classifier", "kernel")),
+            same("classifier.bias", (num_classes,), ("classifier", "bias")),
+        ]
     if kind == "masked_lm":
         head = "cls.predictions"
         out += [

@@ -2,9 +2,11 @@
 
 Loading checks everything it can before reading any weight (config options, every
 checkpoint key known, every parameter filled, every shape right: headers only), then
-reads one tensor at a time, converts it, and places it on the device (or, given a mesh,
-directly with its shardings from `transformer_jax.sharding`), so host memory holds one
-tensor beyond the placed parameters. A failure raises before anything is returned.
+takes one tensor at a time (a memory map of its bytes), converts it where our layout
+differs, and places it on the device (or, given a mesh, directly with its shardings from
+`transformer_jax.sharding`), so host memory holds at most one converted tensor beyond the
+placed parameters. On a CPU backend a float32 tensor needing no conversion stays a view
+of the file's pages (see `safetensors_io`). A failure raises before anything is returned.
 """
 from __future__ import annotations
 
@@ -23,19 +25,31 @@ from transformer_jax import models
 from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
-from transformer_jax.pretrained.safetensors_io import SINGLE_FILE, TensorSource, write_file
+from transformer_jax.pretrained.safetensors_io import FLOAT_DTYPES, SINGLE_FILE, TensorSource, write_file
 from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
 
 FAMILIES = {t: family for family in (gpt2, bert, llama, marian) for t in family.MODEL_TYPES}
 MODEL_CLASSES = {"decoder_lm": models.DecoderLM, "encoder": models.Encoder,
-                 "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder}
+                 "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder,
+                 "classifier": models.SequenceClassifier}
+
+
+def _build(kind: str, cfg: ModelConfig, hf: dict) -> nn.Module:
+    if kind == "classifier":  # BERT's: pooler (dense + tanh) on the [CLS] token
+        return models.SequenceClassifier(cfg, num_classes=bert.num_labels(hf), pooling="first", pooler=True)
+    return MODEL_CLASSES[kind](cfg)
+
+
+def _classes(model: nn.Module) -> tuple:
+    """The extra argument a classifier's table and config need (its number of classes)."""
+    return (model.num_classes,) if isinstance(model, models.SequenceClassifier) else ()
 
 
 class Pretrained(NamedTuple):
     """What `from_pretrained` returns.
 
-    model: a DecoderLM, Encoder, MaskedLM or EncoderDecoder; params: its parameters
+    model: a DecoderLM, Encoder, MaskedLM, SequenceClassifier or EncoderDecoder; params: its parameters
     (float32, `model.apply({"params": params}, ...)`); tokenizer: an `HFTokenizer` or
     None; config: the `ModelConfig`; pooling: a `Pooling` for a sentence-transformers
     directory, else None; hf_config: the directory's config.json as a dict (special
@@ -80,9 +94,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         if dtype not in DTYPES:
             raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
-    model = MODEL_CLASSES[kind](cfg)
+    model = _build(kind, cfg, hf)
+    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))  # cheap: before the weights
     params = _load_params(path, family, cfg, kind, model, mesh)
-    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
     return Pretrained(model, params, tokenizer, cfg, pooling, hf)
 
 
@@ -108,7 +122,7 @@ def _max_length(path: str, cfg: ModelConfig) -> int:
 
 def abstract_params(model: nn.Module) -> Any:
     """The model's parameters as boxed ShapeDtypeStructs (no memory allocated)."""
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)  # (a classifier's init needs no labels)
     args = (tokens, tokens) if isinstance(model, models.EncoderDecoder) else (tokens,)
     return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
 
@@ -120,7 +134,7 @@ def unboxed(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
 
 
-def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfig) -> None:
+def _check_table(table: list[Entry], shapes: dict[tuple, tuple]) -> None:
     filled = [p for e in table for p in e.paths]
     if sorted(filled) != sorted(shapes):  # the table is ours: a mismatch is a bug here
         raise RuntimeError(
@@ -130,12 +144,7 @@ def _check_table(table: list[Entry], shapes: dict[tuple, tuple], cfg: ModelConfi
 
 def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Module, mesh) -> dict:
     source = TensorSource(path)
-    table = family.entries(cfg, kind)
-    abstract = abstract_params(model)
-    flat_abstract = traverse_util.flatten_dict(unboxed(abstract))
-    shapes = {p: tuple(s.shape) for p, s in flat_abstract.items()}
-    _check_table(table, shapes, cfg)
-
+    table = family.entries(cfg, kind, *_classes(model))
     names = {}
     for key in source.infos:
         canonical = family.normalize_key(key, kind)
@@ -159,19 +168,28 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         if info.shape != e.shape:
             raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has shape {list(info.shape)}, "
                              f"expected {list(e.shape)} from config.json")
-        if info.dtype.kind != "f":
+        if info.dtype not in FLOAT_DTYPES:
             raise ValueError(f"tensor {names[e.key]!r} in {info.file!r} has dtype {info.dtype}, expected a float")
 
+    # The tables fill every parameter with its shape (checked by the tests through
+    # save_pretrained, which compares against the model's own shapes), so the model is
+    # traced for its shapes only when a mesh needs the logical axes for the shardings.
+    place = jax.device_put
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
+        abstract = abstract_params(model)
+        shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
+        _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
+        place = lambda value, p: jax.device_put(value, shardings[p])  # noqa: E731
     flat = {}
     for e in table:
-        tensor = source.read(names[e.key]).astype(np.float32, copy=False)
+        tensor = source.read(names[e.key])
+        if tensor.dtype != np.float32:  # bf16/f16/f64 checkpoints: parameters are float32
+            tensor = tensor.astype(np.float32)
         for p, value in zip(e.paths, e.load(tensor)):
-            value = np.ascontiguousarray(value, np.float32)
-            flat[p] = jax.device_put(value, shardings[p]) if mesh is not None else jnp.asarray(value)
+            flat[p] = place(value, p) if mesh is not None else place(value)
         del tensor
     return traverse_util.unflatten_dict(flat)
 
@@ -179,23 +197,33 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
 def family_for(model: nn.Module):
     """The checkpoint family that holds `model` (by kind and architecture)."""
     cfg = model.cfg
+    if isinstance(model, models.SequenceClassifier):
+        if model.pooling != "first" or not model.pooler:
+            raise ValueError("a SequenceClassifier is saved as BertForSequenceClassification, which "
+                             f"needs pooling='first' and pooler=True, got {model.pooling!r}, {model.pooler}")
+        return bert
     if isinstance(model, (models.Encoder, models.MaskedLM)):
         return bert
     if isinstance(model, models.EncoderDecoder):
         return marian
     if isinstance(model, models.DecoderLM):
         return gpt2 if cfg.norm == "layernorm" else llama
-    raise TypeError(f"model must be a DecoderLM, Encoder, MaskedLM or EncoderDecoder, got {type(model).__name__}")
+    raise TypeError("model must be a DecoderLM, Encoder, MaskedLM, SequenceClassifier or EncoderDecoder, "
+                    f"got {type(model).__name__}")
 
 
 def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
-                    tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None) -> str:
+                    tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None,
+                    token_ids: dict[str, int] | None = None) -> str:
     """Write `model` and `params` as a Hugging Face directory transformers can load.
 
     Writes config.json and model.safetensors (float32, one tensor at a time, each file
     atomically), tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
     modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
-    The families: Encoder / MaskedLM -> bert, DecoderLM with LayerNorm -> gpt2, with
+    `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
+    config.json as they are; the tokenizer's special ids fill the ones not given.
+    Marian needs `pad_token_id` (transformers refuses a Marian config without a valid one).
+    The families: Encoder / MaskedLM / SequenceClassifier (pooling "first", pooler) -> bert, DecoderLM with LayerNorm -> gpt2, with
     RMSNorm -> llama (qwen2 with q/k/v biases, mistral with a sliding window),
     EncoderDecoder -> marian. Returns `path`.
 
@@ -216,13 +244,13 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     if got != shapes:
         wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
         raise ValueError(f"params do not match the model built from its config: e.g. {'/'.join(wrong[0])}")
-    table = family.entries(cfg, kind)
+    table = family.entries(cfg, kind, *_classes(model))
     os.makedirs(path, exist_ok=True)
     tensors = [(e.key, e.shape, np.float32,
                 lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
                for e in table]
     write_file(os.path.join(path, SINGLE_FILE), tensors)
-    hf = {**family.to_hf(cfg, kind), "torch_dtype": "float32", "dtype": "float32"}
+    hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
                             ("eos_token_id", tokenizer.eos_id)):

@@ -3,11 +3,14 @@
 A file is: 8 bytes (little-endian u64) N, N bytes of JSON mapping each tensor name to
 `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets into the data that follows;
 an optional "__metadata__" of strings), then the data. This module parses the header
-itself and reads each tensor with one `seek` + `np.fromfile`, so loading never maps or
-holds the whole file: host memory holds the tensor being converted and nothing else.
-(The `safetensors` library's `safe_open` memory-maps the file, whose pages then count
-in the process's memory, and its NumPy side has no bfloat16; the library is the
-reference these readers and writers are tested against.)
+itself and gives each tensor as a read-only memory map of its own bytes (`np.memmap`):
+nothing is read until used, and a tensor stored as the model wants it is never copied
+in host memory. On a CPU backend `jax.device_put` of such a map aliases the file's pages
+(as transformers' own lazy loading does), so the file must not be truncated or rewritten
+in place while those parameters live (replacing it, as `write_file` does, is safe).
+The `safetensors` library is not used here (its NumPy side has no bfloat16, and its
+writer needs every tensor in memory at once); it is the reference the tests check these
+readers and writers against.
 
 A sharded checkpoint is a `model.safetensors.index.json` whose "weight_map" names the
 file of each tensor; `TensorSource` reads either layout.
@@ -34,6 +37,7 @@ DTYPES = {
     "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = frozenset(DTYPES[k] for k in ("F64", "F32", "F16", "BF16"))
 
 
 class TensorInfo(NamedTuple):
@@ -92,14 +96,13 @@ def read_header(file: str) -> dict[str, TensorInfo]:
 
 
 def read_tensor(info: TensorInfo) -> np.ndarray:
-    """The tensor described by `info` as a new NumPy array (one read, no memory map)."""
-    count = math.prod(info.shape)
-    with open(info.file, "rb") as f:
-        f.seek(info.begin)
-        data = np.fromfile(f, dtype=info.dtype.newbyteorder("<"), count=count)
-    if data.size != count:
+    """The tensor described by `info`: a read-only memory map of its bytes (read lazily)."""
+    if math.prod(info.shape) == 0:
+        return np.zeros(info.shape, info.dtype)
+    if os.path.getsize(info.file) < info.end:
         raise ValueError(f"{info.file!r} is truncated: a tensor at byte {info.begin} is cut short")
-    return data.astype(info.dtype, copy=False).reshape(info.shape)
+    return np.memmap(info.file, dtype=info.dtype.newbyteorder("<"), mode="r", offset=info.begin,
+                     shape=info.shape)
 
 
 class TensorSource:

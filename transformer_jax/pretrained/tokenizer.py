@@ -36,9 +36,12 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _HF
 
         self._json = json_text
-        self._hf = _HF.from_str(json_text)
-        self._hf.no_padding()  # a file may ask for fixed-width padding (MiniLM's does)
-        self._hf.enable_truncation(max_length)
+        # Two copies: `encode` never truncates, `encode_batch` does (no shared state to toggle).
+        self._hf, self._hf_batch = _HF.from_str(json_text), _HF.from_str(json_text)
+        for hf in (self._hf, self._hf_batch):
+            hf.no_padding()  # a file may ask for fixed-width padding (MiniLM's does)
+            hf.no_truncation()
+        self._hf_batch.enable_truncation(max_length)
         self.max_length = int(max_length)
         ids = dict(special_ids or {})
         for name, aliases in _SPECIALS.items():
@@ -73,17 +76,13 @@ class HFTokenizer(Tokenizer):
         """int32 ids [n] of `text`, without special tokens and untruncated."""
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        self._hf.no_truncation()
-        try:
-            return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, np.int32)
-        finally:
-            self._hf.enable_truncation(self.max_length)
+        return np.asarray(self._hf.encode(text, add_special_tokens=False).ids, np.int32)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """One int32 id array per text, special tokens added, at most `max_length` ids."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str")
-        return [np.asarray(e.ids, np.int32) for e in self._hf.encode_batch(list(texts))]
+        return [np.asarray(e.ids, np.int32) for e in self._hf_batch.encode_batch(list(texts))]
 
     def _decode_ordinary(self, ids: np.ndarray) -> str:
         return self._hf.decode(ids.tolist(), skip_special_tokens=True)

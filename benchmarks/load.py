@@ -1,0 +1,94 @@
+"""Seconds and peak host memory to load a Hugging Face directory: transformer_jax's
+`from_pretrained` against transformers' `from_pretrained` (PyTorch, CPU), side by side.
+
+Each load runs in a fresh child process. Both libraries map the safetensors file and
+read weights lazily where they can, so the script times the load and then the first
+full read of every weight (a sum over all parameters), and reports memory twice: the
+growth of the peak resident set (VmHWM) over the resident set after the imports, after
+the load and after that read, against the size of the weights (the safetensors files). Run with an
+environment that has both libraries:
+
+    /work/venv-peers/bin/python benchmarks/load.py [--repeats 3] [--gpt2-medium-dir DIR]
+
+Models: all-MiniLM-L6-v2 (`transformer_jax.pretrained.minilm_path()`), and a random
+gpt2-medium-sized GPT2LMHeadModel written by tests/fixtures/make_hf_fixtures.py into
+DIR (default /tmp/transformer_jax_gpt2_medium; made when missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, {root!r})
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+which, path, cls = sys.argv[1], sys.argv[2], sys.argv[3]
+if which == "ours":
+    import jax
+    from transformer_jax.pretrained import from_pretrained
+    jax.numpy.zeros(1).block_until_ready()  # start the runtime before measuring
+    base = status("VmRSS"); start = time.perf_counter()
+    pre = from_pretrained(path)
+    jax.block_until_ready(pre.params)
+    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
+    total = sum(float(jax.numpy.sum(x)) for x in jax.tree.leaves(pre.params))
+else:
+    import torch, transformers
+    torch.set_num_threads(os.cpu_count())
+    model_cls = getattr(transformers, cls)
+    base = status("VmRSS"); start = time.perf_counter()
+    model = model_cls.from_pretrained(path)
+    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
+    with torch.no_grad():
+        total = sum(float(p.sum()) for p in model.parameters())
+read = time.perf_counter() - start
+print(json.dumps(dict(seconds=seconds, read=read, loaded=loaded, added=status("VmHWM") - base)))
+"""
+
+
+def weights_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors"))
+
+
+def measure(which: str, path: str, cls: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", CHILD.format(root=ROOT), which, path, cls],
+                         capture_output=True, text=True, check=True, timeout=900)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gpt2-medium-dir", default="/tmp/transformer_jax_gpt2_medium")
+    args = parser.parse_args()
+    sys.path.insert(0, ROOT)
+    from transformer_jax.pretrained import minilm_path
+
+    if not os.path.isfile(os.path.join(args.gpt2_medium_dir, "config.json")):
+        subprocess.run([sys.executable, os.path.join(ROOT, "tests", "fixtures", "make_hf_fixtures.py"),
+                        "--gpt2-medium", args.gpt2_medium_dir], check=True)
+    models = [("all-MiniLM-L6-v2", minilm_path(), "BertModel"),
+              ("gpt2-medium (random)", args.gpt2_medium_dir, "GPT2LMHeadModel")]
+    print("| model | weights MB | loader | load s | load + read all s | peak MB after load | "
+          "after read | after read / weights |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, path, cls in models:
+        size = weights_bytes(path)
+        for which, label in (("ours", "transformer_jax"), ("hf", "transformers (torch)")):
+            runs = [measure(which, path, cls) for _ in range(args.repeats)]
+            median = lambda k: sorted(r[k] for r in runs)[len(runs) // 2]  # noqa: E731
+            loaded, added = max(r["loaded"] for r in runs), max(r["added"] for r in runs)
+            print(f"| {name} | {size / 2**20:.0f} | {label} | {median('seconds'):.2f} | {median('read'):.2f} | "
+                  f"{loaded / 2**20:.0f} | {added / 2**20:.0f} | {added / size:.2f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
