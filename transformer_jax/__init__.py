@@ -34,6 +34,9 @@ _EXPORTS = {
     # generation
     "generate": "transformer_jax.generation",
     "GenerateOutput": "transformer_jax.generation",
+    # sentence embeddings and semantic search
+    "SentenceEncoder": "transformer_jax.search",
+    "VectorIndex": "transformer_jax.search",
     # tokenizers and data
     "Tokenizer": "transformer_jax.tokenizers",
     "CharTokenizer": "transformer_jax.tokenizers",
