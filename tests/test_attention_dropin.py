@@ -138,7 +138,7 @@ def test_jax_float64_mask_under_debug_infs(impl):
 
 
 # --- testDotProductAttentionBiasGradient -----------------------------------------------
-@pytest.mark.parametrize("batch_size, use_vmap", [(1, False), (1, True), (8, False), (8, True)])
+@pytest.mark.parametrize("batch_size, use_vmap", [(1, False), (1, True), (4, False), (4, True)])
 def test_jax_bias_gradient(batch_size, use_vmap):
     dtype = jnp.bfloat16
     keys = jax.random.split(jax.random.key(0), 2)
@@ -347,7 +347,7 @@ def test_identical_under_x64_debug_infs_and_debug_nans(flag):
 
     def results():
         out = {}
-        for impl in IMPLS + (None,):
+        for impl in IMPLS:  # auto picks the reference at this size
             f = partial(dot_product_attention, implementation=impl, **kw)
             out[str(impl)] = (f(q, k, v, bias, mask), jax.grad(lambda q, b: f(q, k, v, b, mask)[0].sum(),
                                                           argnums=(0, 1))(q, bias))
