@@ -6,7 +6,7 @@
     python train.py --objective classify --init-from runs/mlm --freeze '^encoder/'
     python train.py sample --prompt "def main("
 
-Each run goes to its own --out-dir (default: runs/<objective>-<preset>-<data>);
+Each run goes to its own --out-dir (default: runs/<objective>[-<preset>]-<data>);
 re-running a command resumes it exactly, and a larger --max-steps extends a finished
 run. This file only parses flags into a `transformer_jax.TrainConfig` and calls the
 library (`transformer_jax.train`, `load_run`, `generate_text`).
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "classify); default: stdlib, or a synthetic task for seq2seq/classify")
     run.add_argument("--tokenizer", default="char", help="char | byte | bpe | path to tokenizer.json")
     run.add_argument("--out-dir", default=None,
-                     help="run directory (default: runs/<objective>-<preset>-<data>)")
+                     help="run directory (default: runs/<objective>[-<preset>]-<data>)")
     run.add_argument("--init-from", default=None,
                      help="fine-tune from another run's directory (default: train from scratch)")
     run.add_argument("--resume", action="store_true",

@@ -7,7 +7,7 @@ tokens, and reports new tokens per second (prefill included) and the cache's spe
 Prints a table and writes JSON.
 
     PYTHONPATH=. python benchmarks/generate.py          # char-small on CPU, short context
-    PYTHONPATH=. python benchmarks/generate.py --run runs/clm-default-stdlib --prompt-len 16
+    PYTHONPATH=. python benchmarks/generate.py --run runs/clm-stdlib --prompt-len 16
     PYTHONPATH=. python benchmarks/generate.py --preset gpt2-small --prompt-len 960 \\
         --new-tokens 64 --dtype bfloat16 --json $OUT/generate.json   # 1k context on a GPU
 """

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from transformer_jax import models, training
+from transformer_jax import training
 from transformer_jax.config import get_config
 from transformer_jax.objectives import Objective, TaskInputs, get_objective, objective_names, register_objective
 from transformer_jax.objectives import base, clm, common

@@ -119,8 +119,8 @@ def test_readme_examples_run_in_order(newcomer_dir, compile_cache_dir, capsys):
             assert "already finished" in out or "step 3 |" in out, (what, out[-500:])
     runs = sorted(os.listdir("runs"))
     # every command trained into a run of its own (the clm objective example is the quick start's)
-    assert {"clm-default-stdlib", "clm-default-shakespeare", "clm-gpt2-small-my_corpus", "mlm",
-            "seq2seq-default-reverse", "seq2seq-default-pairs", "classify-from-mlm-shuffle",
+    assert {"clm-stdlib", "clm-shakespeare", "clm-gpt2-small-my_corpus", "mlm",
+            "seq2seq-reverse", "seq2seq-pairs", "classify-from-mlm-shuffle",
             "mesh-demo", "tiny-demo", "tiny-finetuned"} <= set(runs), runs
     with open("runs/classify-from-mlm-shuffle/metrics.jsonl") as f:
         assert "val_loss" in f.read() and "val_ppl" not in open(f.name).read()

@@ -18,7 +18,7 @@ def test_cpu_defaults_are_the_small_char_model_for_a_few_minutes():
     assert (c.preset, c.batch_size, c.seq_len, c.max_steps, c.lr, c.dtype) == ("char-small", 16, 64, 1000, 2e-3, "float32")
     assert c.model == {"d_model": 128, "num_heads": 4, "num_layers": 4, "d_ff": 512, "max_len": 64}
     assert (c.dropout, c.warmup_steps, c.decay_steps, c.eval_every, c.log_every) == (0.0, 50, 1000, 250, 20)
-    assert c.out_dir == "runs/clm-default-stdlib" and c.data == "stdlib" and c.label_smoothing == 0.0
+    assert c.out_dir == "runs/clm-stdlib" and c.data == "stdlib" and c.label_smoothing == 0.0
     a = TrainConfig().resolve(accelerator=True)
     assert (a.preset, a.batch_size, a.seq_len, a.max_steps, a.dtype, a.model) == (
         "char-small", 64, 256, 5000, "bfloat16", {})
@@ -34,10 +34,10 @@ def test_seq_len_defaults_to_what_the_preset_allows():
 
 
 def test_each_example_gets_its_own_out_dir(tmp_path):
-    assert default_out_dir(TrainConfig()) == "runs/clm-default-stdlib"
-    assert default_out_dir(TrainConfig(data="shakespeare")) == "runs/clm-default-shakespeare"
+    assert default_out_dir(TrainConfig()) == "runs/clm-stdlib"
+    assert default_out_dir(TrainConfig(data="shakespeare")) == "runs/clm-shakespeare"
     assert default_out_dir(TrainConfig(preset="gpt2-small", data="my_corpus/")) == "runs/clm-gpt2-small-my_corpus"
-    assert default_out_dir(TrainConfig(objective="seq2seq", data="data/pairs.tsv")) == "runs/seq2seq-default-pairs"
+    assert default_out_dir(TrainConfig(objective="seq2seq", data="data/pairs.tsv")) == "runs/seq2seq-pairs"
     assert default_out_dir(TrainConfig(objective="classify", init_from="runs/mlm")) == "runs/classify-from-mlm-shuffle"
     source = tmp_path / "mlm"
     source.mkdir()

@@ -7,6 +7,7 @@ fields. The resolved config is what a run records in its `config.json`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import re
@@ -159,7 +160,6 @@ class TrainConfig:
         if "max_len" in model:
             return model["max_len"]
         if preset is None:  # --init-from: the source run's model
-            from transformer_jax.run.load import read_run_config
             base = ModelConfig.from_dict(read_run_config(self.init_from)["model"])
         else:
             base = get_config(preset)
@@ -182,13 +182,14 @@ class TrainConfig:
 
 
 def default_out_dir(config: TrainConfig) -> str:
-    """runs/<objective>-<model>-<data>, e.g. runs/clm-default-stdlib or
-    runs/clm-gpt2-small-my_corpus: each example of the README gets its own run."""
+    """runs/<objective>[-<preset>]-<data>, e.g. runs/clm-stdlib (the default model),
+    runs/clm-gpt2-small-my_corpus or runs/classify-from-mlm-shuffle (--init-from runs/mlm):
+    each example of the README gets its own run."""
     from transformer_jax.objectives import get_objective
 
-    model = config.preset or (f"from-{_label(config.init_from)}" if config.init_from else "default")
+    model = config.preset or (f"from-{_label(config.init_from)}" if config.init_from else None)
     data = _label(config.data or get_objective(config.objective).default_data)
-    return os.path.join("runs", f"{config.objective}-{model}-{data}")
+    return os.path.join("runs", "-".join(p for p in (config.objective, model, data) if p))
 
 
 def _label(path: str) -> str:
@@ -196,3 +197,15 @@ def _label(path: str) -> str:
     name = os.path.basename(os.path.normpath(path)) or "data"
     name = os.path.splitext(name)[0] or name
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def read_run_config(run_dir: str) -> dict:
+    """The run's config.json ({"model", "train", "task"}); ValueError if there is none."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"{run_dir!r} holds no run (no config.json)")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from None

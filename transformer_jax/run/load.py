@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Callable
 
@@ -12,19 +11,7 @@ import numpy as np
 from transformer_jax import checkpoint, tokenizers, training
 from transformer_jax.config import ModelConfig
 from transformer_jax.tokenizers import Tokenizer
-from transformer_jax.train_config import TrainConfig
-
-
-def read_run_config(run_dir: str) -> dict:
-    """The run's config.json ({"model", "train", "task"}); ValueError if there is none."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.exists(path):
-        raise ValueError(f"{run_dir!r} holds no run (no config.json)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+from transformer_jax.train_config import TrainConfig, read_run_config
 
 
 @dataclasses.dataclass
