@@ -7,12 +7,14 @@ tokens, and reports new tokens per second (prefill included) and the cache's spe
 Prints a table and writes JSON.
 
     PYTHONPATH=. python benchmarks/generate.py          # char-small on CPU, short context
+    PYTHONPATH=. python benchmarks/generate.py --run runs/clm-stdlib --prompt-len 16
     PYTHONPATH=. python benchmarks/generate.py --preset gpt2-small --prompt-len 960 \\
         --new-tokens 64 --dtype bfloat16 --json $OUT/generate.json   # 1k context on a GPU
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -23,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transformer_jax import generate
+from transformer_jax import generate, load_run
 from transformer_jax.config import get_config
 from transformer_jax.models import DecoderLM
 
@@ -31,6 +33,8 @@ from transformer_jax.models import DecoderLM
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="char-small", help="model preset (random weights)")
+    parser.add_argument("--run", default=None,
+                        help="a trained clm run directory (load_run) instead of a random --preset")
     parser.add_argument("--dtype", default=None, help="compute dtype override, e.g. bfloat16")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -66,11 +70,19 @@ def main() -> None:
     overrides = dict(dropout_rate=0.0, attention_dropout_rate=0.0)
     if args.dtype:
         overrides["dtype"] = args.dtype
-    cfg = get_config(args.preset, **overrides)
-    if context - 1 > cfg.max_len:
-        cfg = get_config(args.preset, max_len=context, **overrides)
-    model = DecoderLM(cfg)
-    params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    if args.run:  # a trained model: its context bounds prompt + new tokens
+        run = load_run(args.run)
+        cfg, params = run.model_config, run.params
+        cfg = dataclasses.replace(cfg, **overrides)
+        if context - 1 > cfg.max_len:
+            raise ValueError(f"--prompt-len + --new-tokens = {context} exceeds the run's context {cfg.max_len}")
+        model, args.preset = DecoderLM(cfg), args.run
+    else:
+        cfg = get_config(args.preset, **overrides)
+        if context - 1 > cfg.max_len:
+            cfg = get_config(args.preset, max_len=context, **overrides)
+        model = DecoderLM(cfg)
+        params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     rng = np.random.default_rng(0)
     device = jax.devices()[0]
     print(f"{args.preset} ({cfg.dtype}) on {device.device_kind}; prompt {args.prompt_len} "

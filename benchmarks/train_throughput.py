@@ -6,12 +6,12 @@ convergence run.
         --dtype bfloat16                                                   # GPU
     python benchmarks/train_throughput.py --convergence                    # char-small, shakespeare
 
-Throughput: one jitted, buffer-donating train step (AdamW, clipping, as train.py runs
-it) on fresh random tokens; compilation and warm-up steps excluded; the median of the
+Throughput: one jitted, buffer-donating train step (AdamW, clipping: `compile_run`, as
+`train()` compiles it) on fresh random tokens; compilation and warm-up steps excluded; the median of the
 timed steps (each waited for with block_until_ready). MFU = flops_per_token(cfg, seq_len)
 x tokens/s / the device's dense bf16 peak (transformer_jax.training.PEAK_FLOPS).
 
-Convergence: `train.py` on `--data shakespeare` with char-small, batch 64, 5000
+Convergence: `transformer_jax.train` on `--data shakespeare` with char-small, batch 64, 5000
 steps, lr 1e-3, dropout 0.2 (nanoGPT's shakespeare-char recipe); reports the wall
 time of the whole run (compilation included) and when the validation loss first
 reached --target.
@@ -35,6 +35,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from transformer_jax import config as config_lib  # noqa: E402
 from transformer_jax import models, training  # noqa: E402
+from transformer_jax.objectives import Task  # noqa: E402
+from transformer_jax.run import compile_run  # noqa: E402
 
 
 def throughput(args: argparse.Namespace) -> dict:
@@ -48,12 +50,11 @@ def throughput(args: argparse.Namespace) -> dict:
     cfg = config_lib.get_config(args.preset, **overrides)
     if args.seq_len > cfg.max_len:
         raise ValueError(f"--seq-len={args.seq_len} exceeds {args.preset}'s max_len={cfg.max_len}")
-    model = models.DecoderLM(cfg)
-    tx = training.make_optimizer(training.make_schedule(6e-4, warmup_steps=10, total_steps=10_000))
-    state = jax.jit(lambda: training.init_train_state(
-        model, tx, (jnp.zeros((1, args.seq_len), jnp.int32),), seed=0))()
-    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx,
-                                            accum_steps=args.accum_steps), donate_argnums=0)
+    task = Task(models.DecoderLM(cfg), (jnp.zeros((1, args.seq_len), jnp.int32),), train_batch=None,
+                val_batches=[], tokens_per_batch=args.batch_size * args.seq_len)
+    run = compile_run(task, "clm", lr=6e-4, warmup_steps=10, decay_steps=10_000, batch_size=args.batch_size,
+                      accum_steps=args.accum_steps)  # one device: train()'s compiled steps without a mesh
+    state, step = run.init_state(), run.train_step
     rng = np.random.default_rng(0)
 
     def batch():
@@ -79,12 +80,12 @@ def throughput(args: argparse.Namespace) -> dict:
     median = statistics.median(times)
     tokens_per_sec = args.batch_size * args.seq_len / median
     peak = training.peak_flops(jax.devices()[0])
-    flops = config_lib.flops_per_token(cfg, args.seq_len)
+    flops = models.flops_per_token(cfg, args.seq_len)
     return {
         "device": jax.devices()[0].device_kind, "backend": jax.default_backend(),
         "preset": args.preset, "dtype": args.dtype, "batch_size": args.batch_size,
         "seq_len": args.seq_len, "attention_impl": cfg.attention_impl,
-        "params_M": round(config_lib.count_params(cfg) / 1e6, 2),
+        "params_M": round(models.count_params(cfg) / 1e6, 2),
         "compile_s": round(compile_s, 2), "median_step_ms": round(1e3 * median, 2),
         "min_step_ms": round(1e3 * min(times), 2), "tokens_per_sec": round(tokens_per_sec),
         "tflops_per_sec": round(flops * tokens_per_sec / 1e12, 2),
@@ -94,21 +95,20 @@ def throughput(args: argparse.Namespace) -> dict:
 
 
 def convergence(args: argparse.Namespace) -> dict:
-    import train
+    from transformer_jax import TrainConfig, train
 
     out_dir = args.out_dir or tempfile.mkdtemp(prefix="convergence-")
-    argv = ["--data", args.data, "--preset", "char-small", "--batch-size", "64",
-            "--seq-len", "256", "--max-steps", str(args.max_steps), "--lr", "1e-3",
-            "--dropout", "0.2", "--eval-every", str(args.eval_every), "--eval-batches", "20",
-            "--warmup-steps", "100", "--out-dir", out_dir, "--overwrite", "--dtype", args.dtype]
+    config = TrainConfig(data=args.data, preset="char-small", batch_size=64, seq_len=256,
+                         max_steps=args.max_steps, lr=1e-3, dropout=0.2, eval_every=args.eval_every,
+                         eval_batches=20, warmup_steps=100, out_dir=out_dir, overwrite=True, dtype=args.dtype)
     t0 = time.perf_counter()
-    train.main(argv)
+    train(config)
     wall = time.perf_counter() - t0
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         evals = [r for r in map(json.loads, f) if "val_loss" in r]
     reached = next((r for r in evals if r["val_loss"] <= args.target), None)
     return {
-        "device": jax.devices()[0].device_kind, "command": "train.py " + " ".join(argv),
+        "device": jax.devices()[0].device_kind, "config": repr(config),
         "wall_s_including_compile_and_data": round(wall, 1),
         "final_val_loss": round(evals[-1]["val_loss"], 4), "target": args.target,
         "first_step_at_target": reached and reached["step"],

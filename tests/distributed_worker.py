@@ -7,8 +7,9 @@ by tests/test_distributed.py, once per process of a multi-process run on localho
     python tests/distributed_worker.py --coordinator localhost:PORT --num-processes 2 \
         --process-id I --mesh data=-1 --mesh fsdp=4,tensor=2 --out result.npz
 
-For each `--mesh` the processes train a fresh state together; each process loads only
-its own rows of every batch (`process_batch_slice`). Process 0 alone writes, for mesh
+For each `--mesh` the processes train a fresh state together, compiled by the library's
+`compile_run` as `train()` does; each process puts only its own rows of every batch
+on its devices (`CompiledRun.put`). Process 0 alone writes, for mesh
 number i, "i/losses" and "i/<parameter path>" (the gathered final parameters) to `--out`.
 """
 from __future__ import annotations
@@ -21,9 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from transformer_jax import sharding, training
+from transformer_jax import sharding
 from transformer_jax.config import ModelConfig
 from transformer_jax.models import DecoderLM
+from transformer_jax.objectives import Task
+from transformer_jax.run import compile_run
 
 CONFIG = dict(vocab_size=64, max_len=8, d_model=16, num_heads=4, num_layers=2, d_ff=32, dropout_rate=0.1,
               scan_layers=True)
@@ -37,45 +40,40 @@ def batches(num_steps: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
     return [{"inputs": t[:, :-1], "targets": t[:, 1:]} for t in tokens]
 
 
-@functools.cache
-def _model_and_step():
+def _task() -> Task:
+    """The tiny DecoderLM as a Task (its batches come from `batches`, not from the task)."""
     model = DecoderLM(ModelConfig(**CONFIG))
-    tx = training.make_optimizer(3e-3, weight_decay=0.1)
-    step = training.make_train_step(training.make_loss_fn(model, "clm"), tx)
-    return model, tx, step
+    return Task(model, (jnp.zeros((1, SEQ), jnp.int32),), train_batch=None, val_batches=[],
+                tokens_per_batch=BATCH * SEQ)
+
+
+@functools.cache
+def compiled_run(mesh):
+    """The run's optimiser and jitted steps on `mesh` (None: one device), as train() compiles them."""
+    return compile_run(_task(), "clm", lr=3e-3, warmup_steps=0, decay_steps=10_000, batch_size=BATCH,
+                       weight_decay=0.1, mesh=mesh)
 
 
 def init_state(unbox: bool):
     """The train state of the tiny model (traceable; see training.init_train_state)."""
-    model, tx, _ = _model_and_step()
-    return training.init_train_state(model, tx, (jnp.zeros((1, SEQ), jnp.int32),), seed=0, unbox=unbox)
+    return compiled_run(None).init_fn(unbox=unbox)
 
 
-@functools.cache
 def compiled(mesh):
     """(state shardings, jitted init, jitted train step) for `mesh`, compiled once per mesh."""
-    shardings = sharding.state_shardings(jax.eval_shape(lambda: init_state(unbox=False)), mesh)
-    init = jax.jit(lambda: init_state(unbox=True), out_shardings=shardings)
-    step = jax.jit(
-        _model_and_step()[2],
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, None),
-        donate_argnums=0,
-    )
-    return shardings, init, step
+    run = compiled_run(mesh)
+    return run.state_sharding, run.init_state, run.train_step
 
 
 def train(mesh, global_batches, state=None):
     """Train from `state` (None: a fresh init on `mesh`) on `global_batches`; every
-    process passes only its own rows. Returns (state, losses)."""
-    _, init, step = compiled(mesh)
-    rows = sharding.process_batch_slice(mesh, BATCH)
+    process puts only its own rows on its devices. Returns (state, losses)."""
+    run = compiled_run(mesh)
     losses = []
-    with sharding.use_mesh(mesh):  # as train.py: the models' activation constraints apply
-        state = init() if state is None else state
+    with sharding.use_mesh(mesh):  # as train(): the models' activation constraints apply
+        state = run.init_state() if state is None else state
         for batch in global_batches:
-            local = {key: value[rows] for key, value in batch.items()}
-            state, metrics = step(state, sharding.make_global_batch(local, mesh))
+            state, metrics = run.train_step(state, run.put(batch))
             losses.append(float(metrics["loss"]))
     return state, losses
 

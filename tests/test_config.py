@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from transformer_jax.config import ModelConfig, count_params, flops_per_token, get_config, list_presets
+from transformer_jax.config import ModelConfig, get_config, list_presets
+from transformer_jax.models import count_params, flops_per_token
 
 REQUIRED_PRESETS = ["tiny", "char-small", "gpt2-small", "gpt2-medium", "bert-base", "transformer-base"]
 

@@ -1,6 +1,7 @@
 """End-to-end tests of train.py, called in-process (train.main(argv)) on a tiny preset."""
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -9,7 +10,10 @@ import pytest
 
 import train
 from processes import cpu_env, free_port, run_together
-from transformer_jax import checkpoint, tasks
+from transformer_jax import checkpoint, generate_text, load_run
+from transformer_jax.objectives import clm
+from transformer_jax.run import make_run_mesh
+from transformer_jax.run.out_dir import agree_on_out_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -98,14 +102,14 @@ def test_loss_decreases_and_outputs_are_written(base_run):
 
 
 def _sigterm_at(monkeypatch, stop_step):
-    original = tasks.make_clm_batch
+    original = clm.make_clm_batch
 
     def batch(tokens, *, seed, step, **kw):
         if step == stop_step:
             signal.raise_signal(signal.SIGTERM)  # arrives mid-run, as from a scheduler
         return original(tokens, seed=seed, step=step, **kw)
 
-    monkeypatch.setattr(tasks, "make_clm_batch", batch)
+    monkeypatch.setattr(clm, "make_clm_batch", batch)
 
 
 @pytest.mark.slow  # five short runs
@@ -137,7 +141,7 @@ def test_exact_resume_after_sigterm_and_after_max_steps(corpus, tmp_path, monkey
 
 
 def _nan_at(monkeypatch, bad_step):
-    original = tasks.make_clm_batch
+    original = clm.make_clm_batch
 
     def batch(tokens, *, seed, step, **kw):
         out = original(tokens, seed=seed, step=step, **kw)
@@ -146,7 +150,7 @@ def _nan_at(monkeypatch, bad_step):
             weights[0, 0] = np.nan
         return {**out, "weights": weights}
 
-    monkeypatch.setattr(tasks, "make_clm_batch", batch)
+    monkeypatch.setattr(clm, "make_clm_batch", batch)
 
 
 def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(corpus, tmp_path, monkeypatch):
@@ -195,10 +199,13 @@ def test_init_from_with_freezing(base_run, corpus, tmp_path):
 
 
 @pytest.mark.slow  # three runs, one compiled for an 8-device mesh
-def test_grad_accumulation_and_mesh_match_one_device(corpus, tmp_path):
-    runs = {"full": (), "accum": ("--accum-steps", "2"), "mesh": ("--mesh", "data=2,fsdp=2,tensor=2")}
+def test_grad_accumulation_and_mesh_match_one_device(corpus, tmp_path, capfd):
+    runs = {"full": (), "accum": ("--accum-steps", "2"),
+            "mesh": ("--mesh", "data=2,fsdp=2,tensor=2", "--sample-tokens", "12")}
     for name, flags in runs.items():
         assert train.main(_args(corpus, tmp_path / name, *flags, steps=3)) == 0
+    err = capfd.readouterr().err  # the final sample after a mesh run: no SPMD rematerialisation
+    assert "Involuntary full rematerialization" not in err and (tmp_path / "mesh" / "sample.txt").exists()
     full = _leaves(_params(tmp_path / "full", 3))
     for name in ("accum", "mesh"):
         other = _leaves(_params(tmp_path / name, 3))
@@ -265,6 +272,7 @@ def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])
     text = capsys.readouterr().out
+    assert "train.py sample" in text.splitlines()[0] and "subcommands: sample" in text
     for flag in ("--preset", "--data", "--out-dir", "--max-steps", "--batch-size", "--seq-len",
                  "--lr", "--seed", "--objective", "--tokenizer", "--eval-every",
                  "--checkpoint-every", "--init-from", "--resume", "--mesh", "--freeze",
@@ -275,7 +283,11 @@ def test_help_lists_every_flag(capsys):
 def test_sample_subcommand(base_run, capsys):
     with open(os.path.join(base_run, "sample.txt")) as f:
         final_sample = f.read()
-    assert len(final_sample) >= 20 and set(final_sample) <= set("the cat sat on a mat and dog ran to it\n")
+    # the prompt (copied from the validation text) is marked apart from the model's text
+    head, prompt, continuation = re.split(r"\[prompt, copied from the validation text\]\n|"
+                                          r"\n\[the model's continuation\]\n", final_sample)
+    assert head == "" and prompt and len(continuation) >= 20
+    assert set(prompt + continuation) <= set("the cat sat on a mat and dog ran to it\n")
     capsys.readouterr()
     argv = ["sample", "--out-dir", base_run, "--prompt", "the ", "--max-new-tokens", "30"]
     assert train.main(argv + ["--strategy", "greedy"]) == 0
@@ -286,6 +298,35 @@ def test_sample_subcommand(base_run, capsys):
     with pytest.raises(ValueError, match="holds no run"):
         train.main(["sample", "--out-dir", os.path.join(base_run, "nothing")])
 
+    # the library gives the same text: load_run + generate_text
+    run = load_run(base_run)
+    assert run.step == 40 and run.config.objective == "clm" and run.model_config.d_model == 32
+    want = _leaves(_params(base_run, 40))
+    for key, value in _leaves(run.params).items():
+        np.testing.assert_array_equal(value, want[key], err_msg=key)
+    assert "the " + generate_text(run.model, run.params, run.tokenizer, "the ", 30, strategy="greedy") == greedy
+
+
+def test_finished_run_says_so_and_a_larger_max_steps_extends_it(base_run, corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(base_run, out)
+    flags = ("--lr", "1e-2", "--eval-every", "20", "--sample-tokens", "20")
+    capsys.readouterr()
+    assert train.main(_args(corpus, out, *flags, steps=40)) == 0
+    said = capsys.readouterr().out
+    assert "already finished" in said and "--max-steps 80" in said and "sample" in said
+    assert len(_metrics(out)) == len(_metrics(base_run))  # nothing trained, nothing logged
+    # warmup and decay were derived from --max-steps, so they follow it
+    assert train.main(_args(corpus, out, *flags, steps=44)) == 0
+    assert "resuming at step 40" in capsys.readouterr().out
+    records = _metrics(out)
+    assert records[-1]["step"] == 44
+    with open(out / "config.json") as f:
+        recorded = json.load(f)["train"]
+    assert recorded["max_steps"] == recorded["decay_steps"] == 44
+    with pytest.raises(ValueError, match="warmup_steps"):  # set explicitly: a real change
+        train.main(_args(corpus, out, *flags, "--warmup-steps", "3", steps=48))
+
 
 @pytest.mark.slow  # three objectives, three compilations
 def test_mlm_then_classify_from_it_and_seq2seq(corpus, tmp_path, capsys):
@@ -295,6 +336,8 @@ def test_mlm_then_classify_from_it_and_seq2seq(corpus, tmp_path, capsys):
     assert train.main(_args(corpus, cls, "--objective", "classify", "--init-from", str(mlm),
                             "--freeze", "^encoder/", "--sample-tokens", "1", steps=4)) == 0
     assert "accuracy on the validation batches" in capsys.readouterr().out
+    assert all("val_ppl" not in r for r in _metrics(cls)) and "val_loss" in _metrics(cls)[-1]
+    assert "val_ppl" in _metrics(mlm)[-1]
     encoder, classifier = _leaves(_params(mlm, 6)), _leaves(_params(cls, 4))
     shared = [k for k in classifier if k.startswith("encoder/")]
     assert shared and all(np.array_equal(classifier[k], encoder[k]) for k in shared)
@@ -312,7 +355,7 @@ def test_every_flag_states_its_default_once(capsys):
         for action in parser._actions:
             if action.nargs == 0:  # --help and switches such as --resume take no value
                 continue
-            text = train._help_with_default(action) % vars(action)
+            text = train.help_with_default(action) % vars(action)
             assert text.count("default") == 1 and "None" not in text, (action.dest, text)
     for argv in (["--help"], ["sample", "--help"]):
         with pytest.raises(SystemExit):
@@ -323,15 +366,15 @@ def test_every_flag_states_its_default_once(capsys):
 def test_mesh_defaults_to_every_device_on_data(monkeypatch):
     import jax
 
-    mesh = train._make_mesh(None)
+    mesh = make_run_mesh(None)
     assert dict(mesh.shape) == {"data": 8, "fsdp": 1, "tensor": 1}  # conftest's 8 devices
-    assert train._make_mesh("none") is None
-    assert dict(train._make_mesh("fsdp=4,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert make_run_mesh("none") is None
+    assert dict(make_run_mesh("fsdp=4,tensor=2").shape) == {"data": 1, "fsdp": 4, "tensor": 2}
     monkeypatch.setattr(jax, "device_count", lambda: 1)
-    assert train._make_mesh(None) is None  # one device: no mesh, as before
+    assert make_run_mesh(None) is None  # one device: no mesh, as before
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(ValueError, match="multi-process"):
-        train._make_mesh("none")
+        make_run_mesh("none")
 
 
 def test_default_mesh_needs_a_batch_that_splits(corpus, tmp_path):
@@ -360,20 +403,20 @@ def test_only_process_0_decides_about_the_out_dir(base_run, tmp_path, monkeypatc
     for decision, want in ((1, True), (0, False)):
         monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v, d=decision: broadcast(v, d))
         empty = str(tmp_path / "empty")  # process 1 sees no run here, process 0 one to resume
-        assert train._agree_on_out_dir(empty, config, overwrite=False, resume=True) is want
-        assert train._agree_on_out_dir(base_run, config, overwrite=False, resume=False) is want
+        assert agree_on_out_dir(empty, config, overwrite=False, resume=True) is want
+        assert agree_on_out_dir(base_run, config, overwrite=False, resume=False) is want
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v: broadcast(v, -1))
     with pytest.raises(ValueError, match="rejected by process 0"):
-        train._agree_on_out_dir(base_run, config, overwrite=False, resume=False)
+        agree_on_out_dir(base_run, config, overwrite=False, resume=False)
 
     monkeypatch.setattr(jax, "process_index", lambda: 0)  # process 0 broadcasts its verdict first
     sent.clear()
     monkeypatch.setattr(multihost_utils, "broadcast_one_to_all", lambda v: broadcast(v, int(v)))
-    assert train._agree_on_out_dir(base_run, config, overwrite=False, resume=False) is True
-    assert train._agree_on_out_dir(base_run, config, overwrite=True, resume=False) is False
+    assert agree_on_out_dir(base_run, config, overwrite=False, resume=False) is True
+    assert agree_on_out_dir(base_run, config, overwrite=True, resume=False) is False
     changed = {**config, "model": {**config["model"], "d_model": 64}}
     with pytest.raises(ValueError, match="d_model"):
-        train._agree_on_out_dir(base_run, changed, overwrite=False, resume=False)
+        agree_on_out_dir(base_run, changed, overwrite=False, resume=False)
     assert sent == [1, 0, -1]
 
 

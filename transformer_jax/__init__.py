@@ -20,8 +20,6 @@ _EXPORTS = {
     "ModelConfig": "transformer_jax.config",
     "get_config": "transformer_jax.config",
     "list_presets": "transformer_jax.config",
-    "count_params": "transformer_jax.config",
-    "flops_per_token": "transformer_jax.config",
     # models
     "DecoderLM": "transformer_jax.models",
     "Encoder": "transformer_jax.models",
@@ -31,8 +29,12 @@ _EXPORTS = {
     "pool": "transformer_jax.models",
     "init_cache": "transformer_jax.models",
     "check_tokens": "transformer_jax.models",
+    "count_params": "transformer_jax.models",
+    "flops_per_token": "transformer_jax.models",
     # generation
     "generate": "transformer_jax.generation",
+    "generate_text": "transformer_jax.generation",
+    "generate_windowed": "transformer_jax.generation",
     "GenerateOutput": "transformer_jax.generation",
     # sentence embeddings and semantic search
     "SentenceEncoder": "transformer_jax.search",
@@ -62,6 +64,15 @@ _EXPORTS = {
     "Pretrained": "transformer_jax.pretrained",
     "Pooling": "transformer_jax.pretrained",
     "minilm_path": "transformer_jax.pretrained",
+    # training runs
+    "TrainConfig": "transformer_jax.train_config",
+    "train": "transformer_jax.run",
+    "TrainResult": "transformer_jax.run",
+    "load_run": "transformer_jax.run",
+    "LoadedRun": "transformer_jax.run",
+    "Objective": "transformer_jax.objectives",
+    "register_objective": "transformer_jax.objectives",
+    "get_objective": "transformer_jax.objectives",
     # scaling out
     "make_mesh": "transformer_jax.sharding",
     "initialize_distributed": "transformer_jax.sharding",

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen dataclass, named presets, parameter and FLOP counts.
+"""Model configuration: one frozen dataclass and named presets.
 
 `ModelConfig` validates itself in `__post_init__`, so a bad value fails at construction
 and `dataclasses.replace(cfg, ...)` re-validates. Presets come from `get_config(name,
@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,7 +29,6 @@ REMAT_POLICIES = (
     "dots_with_no_batch_dims",
     "everything_saveable",
 )
-MODEL_KINDS = ("decoder_lm", "encoder", "masked_lm", "encoder_decoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,43 +226,3 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in _PRESETS:
         raise ValueError(f"name={name!r} is not a preset; expected one of {list_presets()}")
     return ModelConfig(**{**_PRESETS[name], **overrides})
-
-
-def count_params(cfg: ModelConfig, model: str = "decoder_lm") -> int:
-    """Exact number of parameters of `model` built from `cfg` (no memory is allocated).
-
-    `model` is one of MODEL_KINDS. Tied embeddings count once.
-    """
-    from transformer_jax import models  # models import this module
-
-    if model not in MODEL_KINDS:
-        raise ValueError(f"model={model!r} is not one of {MODEL_KINDS}")
-    class_name = {
-        "decoder_lm": "DecoderLM",
-        "encoder": "Encoder",
-        "masked_lm": "MaskedLM",
-        "encoder_decoder": "EncoderDecoder",
-    }[model]
-    module = getattr(models, class_name)(cfg)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    args = (tokens, tokens) if model == "encoder_decoder" else (tokens,)
-    shapes = jax.eval_shape(module.init, jax.random.key(0), *args)
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes["params"]))
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
-    """Training FLOPs per token of a DecoderLM (forward + backward), for MFU.
-
-        6 * (N + vocab_size * d_model) + 12 * num_layers * d_model * seq_len
-
-    N = parameters excluding the token embedding, the learned position table and an
-    untied lm head (those are lookups or counted once as the read-out matmul); the
-    second term is the attention score and value matmuls (PaLM appendix B).
-    """
-    _check_positive_int("seq_len", seq_len)
-    total = count_params(cfg, "decoder_lm")
-    embeddings = cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2)
-    if cfg.pos_encoding == "learned":
-        embeddings += cfg.max_len * cfg.d_model
-    non_embedding = total - embeddings
-    return 6 * (non_embedding + cfg.vocab_size * cfg.d_model) + 12 * cfg.num_layers * cfg.d_model * seq_len

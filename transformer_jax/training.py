@@ -5,11 +5,8 @@ Everything here is a pure function of its inputs, so a train step is a function 
 `jax.random.fold_in`, which is what makes a resumed run bit-identical. Evaluation is
 `jax.jit(make_loss_fn(...))` (no dropout), summed over batches, then divided.
 
-Batches are dicts of arrays whose leading axis is the batch:
-  clm       inputs [b,t] int32, targets [b,t] int32, weights [b,t] (optional)
-  mlm       inputs [b,t] int32, targets [b,t] int32, weights [b,t], padding_mask [b,t] bool (optional)
-  seq2seq   src [b,s], tgt_in [b,t], tgt_out [b,t] int32, src_mask [b,s] bool, tgt_mask [b,t]
-  classify  tokens [b,t] int32, padding_mask [b,t] bool, labels [b] int32
+Batches are dicts of arrays whose leading axis is the batch; each objective
+(`transformer_jax.objectives`) names its keys and defines its loss.
 """
 from __future__ import annotations
 
@@ -22,8 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-OBJECTIVES = ("clm", "mlm", "seq2seq", "classify")
 
 # Parameters whose path mentions one of these are not weight-decayed (biases, norm
 # scales, token/position embeddings), as in GPT-2 and BERT.
@@ -92,36 +87,23 @@ def cross_entropy(
     return jnp.sum(nll * weights), jnp.sum(weights)
 
 
-def make_loss_fn(model: nn.Module, objective: str, *, label_smoothing: float = 0.0) -> LossFn:
-    """The loss of `model` on one batch of `objective` (see the module docstring for batch keys).
+def make_loss_fn(model: nn.Module, objective: Any, *, label_smoothing: float = 0.0) -> LossFn:
+    """The loss of `model` on one batch of `objective` (a registered name such as "clm",
+    or an `objectives.Objective`, which defines its batch keys and loss).
 
     Returns `loss_fn(params, batch, dropout_rng=None) -> (loss_sum, weight_sum)`;
     dropout is on exactly when `dropout_rng` is given.
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective={objective!r}: expected one of {OBJECTIVES}")
+    # The objectives sit above this module (they build models and data); looked up lazily.
+    from transformer_jax.objectives import get_objective
+
+    objective_loss = get_objective(objective).loss
 
     def loss_fn(params, batch, dropout_rng=None):
         kwargs = {"deterministic": dropout_rng is None}
         if dropout_rng is not None:
             kwargs["rngs"] = {"dropout": dropout_rng}
-        variables = {"params": params}
-        if objective == "clm":
-            logits = model.apply(variables, batch["inputs"], **kwargs)
-            return cross_entropy(logits, batch["targets"], batch.get("weights"),
-                                 label_smoothing=label_smoothing)
-        if objective == "mlm":
-            logits = model.apply(variables, batch["inputs"],
-                                 padding_mask=batch.get("padding_mask"), **kwargs)
-            return cross_entropy(logits, batch["targets"], batch["weights"],
-                                 label_smoothing=label_smoothing)
-        if objective == "seq2seq":
-            logits = model.apply(variables, batch["src"], batch["tgt_in"],
-                                 src_padding_mask=batch["src_mask"], **kwargs)
-            return cross_entropy(logits, batch["tgt_out"], batch["tgt_mask"],
-                                 label_smoothing=label_smoothing)
-        logits = model.apply(variables, batch["tokens"], padding_mask=batch["padding_mask"], **kwargs)
-        return cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing)
+        return objective_loss(model, params, batch, label_smoothing=label_smoothing, **kwargs)
 
     return loss_fn
 

@@ -8,11 +8,13 @@
   processors.py   temperature, top-k, top-p on logits
   loop.py         greedy / sampled decoding loop with early stop at EOS
   beam.py         beam search with length penalty
+  windowed.py     generate_windowed / generate_text: sliding windows beyond the context
 """
 from transformer_jax.generation.api import generate
 from transformer_jax.generation.beam import beam_search
 from transformer_jax.generation.interface import GenerateOutput
 from transformer_jax.generation.loop import decode, greedy_select, sampling_select
+from transformer_jax.generation.windowed import generate_text, generate_windowed
 from transformer_jax.generation.processors import (
     apply_temperature,
     process_logits,
@@ -26,6 +28,8 @@ __all__ = [
     "beam_search",
     "decode",
     "generate",
+    "generate_text",
+    "generate_windowed",
     "greedy_select",
     "process_logits",
     "sampling_select",

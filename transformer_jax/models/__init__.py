@@ -5,6 +5,7 @@ Flax Linen modules; parameters live in the "params" collection, dropout draws fr
 """
 from transformer_jax.models.cache import init_cache
 from transformer_jax.models.checks import check_tokens
+from transformer_jax.models.counts import MODEL_KINDS, count_params, flops_per_token
 from transformer_jax.models.decoder_lm import DecoderLM
 from transformer_jax.models.encoder import Encoder, pool
 from transformer_jax.models.encoder_decoder import EncoderDecoder
@@ -16,7 +17,10 @@ __all__ = [
     "EncoderDecoder",
     "MaskedLM",
     "SequenceClassifier",
+    "MODEL_KINDS",
     "check_tokens",
+    "count_params",
+    "flops_per_token",
     "init_cache",
     "pool",
 ]

@@ -1,33 +1,11 @@
-"""transformer_jax.tasks: batches, the unigram baseline and the clm sample's windowing."""
-import collections
-import math
-
+"""transformer_jax.generation.windowed: generation past the context in sliding windows."""
 import jax
 import numpy as np
 import pytest
 
-from transformer_jax import models, tasks, tokenizers
+from transformer_jax import models, tokenizers
 from transformer_jax.config import get_config
-from transformer_jax.generation import GenerateOutput
-
-
-def test_unigram_entropy_matches_the_formula():
-    tokens = np.random.default_rng(0).integers(0, 5, size=200)
-    counts = collections.Counter(tokens.tolist())
-    want = -sum(c / 200 * math.log(c / 200) for c in counts.values())
-    assert tasks.unigram_entropy(tokens, vocab_size=9) == pytest.approx(want, rel=1e-12)
-    assert tasks.unigram_entropy(np.full(10, 3), vocab_size=4) == 0.0
-
-
-def test_clm_batch_is_windows_of_the_tokens_shifted_by_one():
-    tokens = np.arange(100, 300, dtype=np.int32)  # a window's values locate it
-    batch = tasks.make_clm_batch(tokens, seed=3, step=5, batch_size=4, seq_len=8)
-    assert set(batch) == {"inputs", "targets"}
-    assert batch["inputs"].shape == batch["targets"].shape == (4, 8)
-    for row, target in zip(batch["inputs"], batch["targets"]):
-        start = int(row[0]) - 100
-        np.testing.assert_array_equal(row, tokens[start:start + 8])
-        np.testing.assert_array_equal(target, tokens[start + 1:start + 9])
+from transformer_jax.generation import GenerateOutput, generate_text, generate_windowed, windowed
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +16,7 @@ def char_model():
     return model, params, tokenizer
 
 
-def test_clm_sample_windows_share_one_shape_and_stop_at_eos(char_model, monkeypatch):
+def test_windowed_windows_share_one_shape_and_stop_at_eos(char_model, monkeypatch):
     model, params, tokenizer = char_model
     calls = []
 
@@ -52,10 +30,10 @@ def test_clm_sample_windows_share_one_shape_and_stop_at_eos(char_model, monkeypa
             tokens[2], n = tokenizer.eos_id, 3
         return GenerateOutput(tokens[None], np.array([n]), np.zeros(1))
 
-    monkeypatch.setattr(tasks, "generate", fake_generate)
-    text = tasks.clm_sample(model, params, tokenizer, "ab", 100, seed=0, strategy="greedy")
+    monkeypatch.setattr(windowed, "generate", fake_generate)
+    text = generate_text(model, params, tokenizer, "ab", 100, seed=0, strategy="greedy")
     new = [i % 9 for i in range(12)]  # two full calls, then two tokens before the EOS
-    assert text == "ab" + tokenizer.decode(new)
+    assert text == tokenizer.decode(new)
 
     width, ids = 8 // 2, [int(i) for i in tokenizer.encode("ab")]
     histories = [ids, ids + new[:5], ids + new[:10]]  # what precedes each call
@@ -69,7 +47,7 @@ def test_clm_sample_windows_share_one_shape_and_stop_at_eos(char_model, monkeypa
         assert options["eos_id"] == tokenizer.eos_id
 
 
-def test_clm_sample_greedy_matches_step_by_step_argmax(char_model):
+def test_windowed_greedy_matches_step_by_step_argmax(char_model):
     """Reference: each window re-run without a cache, one argmax at a time."""
     model, params, tokenizer = char_model
     params = jax.tree.map(lambda x: 3 * x, params)  # sharper logits: varied greedy tokens
@@ -91,18 +69,17 @@ def test_clm_sample_greedy_matches_step_by_step_argmax(char_model):
             new.pop()
             break
     assert len(new) >= n and len(set(new)) > 3  # three windows of varied tokens
-    want = prompt + tokenizer.decode(new[:n])
-    assert tasks.clm_sample(model, params, tokenizer, prompt, n, seed=0, strategy="greedy") == want
+    want = tokenizer.decode(new[:n])
+    assert generate_text(model, params, tokenizer, prompt, n, seed=0, strategy="greedy") == want
+    ids = [int(i) for i in tokenizer.encode(prompt)]
+    assert generate_windowed(model, params, ids, n, strategy="greedy", eos_id=tokenizer.eos_id) == new[:n]
 
 
-def test_check_batch_rejects_ids_outside_the_vocabulary():
-    check_batch = tasks.check_batch
-    cfg = get_config("tiny")
-    good = {"inputs": np.zeros((2, 8), np.int32), "weights": np.ones((2, 8), np.float32)}
-    check_batch(good, cfg)
-    bad = {"inputs": np.full((2, 8), cfg.vocab_size, np.int32)}
-    with pytest.raises(ValueError, match=r"batch\['inputs'\] ids must lie in \[0, 61\)"):
-        check_batch(bad, cfg)
-    too_long = {"src": np.zeros((1, cfg.max_len + 1), np.int32)}
-    with pytest.raises(ValueError, match="src"):
-        check_batch(too_long, cfg)
+def test_windowed_rejects_an_empty_prompt_and_bad_lengths(char_model):
+    model, params, tokenizer = char_model
+    with pytest.raises(ValueError, match="prompt is empty"):
+        generate_windowed(model, params, [], 3)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate_windowed(model, params, [1], 0)
+    with pytest.raises(ValueError, match="encodes to no tokens"):
+        generate_text(model, params, tokenizer, "", 3)

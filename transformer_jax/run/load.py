@@ -1,0 +1,108 @@
+"""Reading a trained run back: `load_run(dir)` and the parameters for `--init-from`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from transformer_jax import checkpoint, tokenizers, training
+from transformer_jax.config import ModelConfig
+from transformer_jax.tokenizers import Tokenizer
+from transformer_jax.train_config import TrainConfig, read_run_config
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run: what `load_run` returns.
+
+    config: the run's TrainConfig (as recorded; out_dir is the directory it was loaded from).
+    model_config: its ModelConfig.
+    tokenizer: its tokenizer.
+    params: the parameters of its best checkpoint by validation loss, else the newest,
+      as jax arrays on the default device.
+    model: the Flax module of its objective (DecoderLM for clm, ...), ready for
+      `model.apply({"params": params}, ...)` and `generate`.
+    step: the step of that checkpoint.
+    task: the task facts it recorded (e.g. a classifier's label names).
+    """
+
+    config: TrainConfig
+    model_config: ModelConfig
+    tokenizer: Tokenizer
+    params: Any
+    model: Any
+    step: int | None
+    task: dict
+
+
+def load_run(run_dir: str, *, step: int | None = None) -> LoadedRun:
+    """Load the run in `run_dir` (written by `train` or `train.py`): its config, tokenizer,
+    model and the parameters of checkpoint `step` (default: the best, else the newest).
+
+    Raises:
+      ValueError: `run_dir` holds no run, or no checkpoint.
+    """
+    from transformer_jax.objectives import get_objective
+
+    record = read_run_config(run_dir)
+    cfg = ModelConfig.from_dict(record["model"])
+    config = TrainConfig(**{k: v for k, v in record["train"].items()
+                            if k in {f.name for f in dataclasses.fields(TrainConfig)}},
+                         out_dir=run_dir)
+    tokenizer = tokenizers.load_tokenizer(run_dir)
+    with checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
+        chosen = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
+        if chosen is None:
+            raise ValueError(f"{run_dir!r} holds no checkpoint yet")
+        params = jax.tree.map(jax.numpy.asarray, ckpt.restore_params(chosen))
+    task = record.get("task", {})
+    model = get_objective(config.objective).make_model(cfg, config, task)
+    return LoadedRun(config, cfg, tokenizer, params, model, chosen, task)
+
+
+def load_source_model(source: str) -> tuple[ModelConfig, Tokenizer]:
+    """The architecture and tokenizer that `--init-from source` fixes for a fine-tuning run.
+
+    The one place that reads an init-from source: a run directory today (extend here
+    for other sources, e.g. a Hugging Face checkpoint via `transformer_jax.from_pretrained`).
+    """
+    record = read_run_config(source)
+    return ModelConfig.from_dict(record["model"]), tokenizers.load_tokenizer(source)
+
+
+def load_source_params(source: str) -> Any:
+    """The parameters `--init-from source` starts from (host arrays): a run directory's
+    best, else newest, checkpoint. Extend together with `load_source_model`."""
+    with checkpoint.Checkpointer(os.path.join(source, "checkpoints")) as ckpt:
+        return ckpt.restore_params()
+
+
+def init_params_from(source: str, target: Any, say: Callable[[str], None] = print) -> Any:
+    """`target` params with every leaf found (same path and shape) in `source`'s parameters
+    (`load_source_params`) replaced by the saved value, placed like the target leaf.
+
+    Raises ValueError when no parameter matches.
+    """
+    flat = {training.param_path(p): v
+            for p, v in jax.tree_util.tree_leaves_with_path(load_source_params(source))}
+    loaded, fresh = [], []
+
+    def take(path, leaf):
+        key = training.param_path(path)
+        saved = flat.get(key)
+        if saved is None or saved.shape != leaf.shape:
+            fresh.append(key)
+            return leaf
+        loaded.append(key)
+        return jax.device_put(np.asarray(saved, leaf.dtype), leaf.sharding)
+
+    params = jax.tree_util.tree_map_with_path(take, target)
+    if not loaded:
+        raise ValueError(f"--init-from {source!r}: no parameter matches this model "
+                         f"(saved paths look like {list(flat)[:4]})")
+    say(f"--init-from {source}: loaded {len(loaded)} parameter arrays, "
+        f"{len(fresh)} initialised fresh ({', '.join(fresh[:4])}{', ...' if len(fresh) > 4 else ''})")
+    return params

@@ -1,0 +1,154 @@
+"""`train(config)`: start, resume or extend the run in `config.out_dir` and train it."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from transformer_jax import checkpoint, sharding, tokenizers
+from transformer_jax.config import ModelConfig, get_config
+from transformer_jax.objectives import Task, TaskInputs, get_objective
+from transformer_jax.run import out_dir as run_dir_lib
+from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
+from transformer_jax.run.load import init_params_from, load_source_model
+from transformer_jax.run.loop import StopSignal, train_loop
+from transformer_jax.run.steps import compile_run, make_run_mesh
+from transformer_jax.train_config import TrainConfig
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What `train` did.
+
+    config: the resolved TrainConfig (every default filled in; out_dir included).
+    step: the step the run stands at.
+    val_loss: the last validation loss of this call (None if it trained no step).
+    sample: the final sample / demonstration text (None if skipped).
+    already_finished: the run had reached max_steps before this call (nothing trained).
+    stopped_by: "SIGTERM"/"SIGINT" if a signal stopped it (after saving), else None.
+    state: the final TrainState (None where nothing trained).
+    """
+
+    config: TrainConfig
+    step: int
+    val_loss: float | None = None
+    sample: str | None = None
+    already_finished: bool = False
+    stopped_by: str | None = None
+    state: Any = None
+
+
+def build_task(config: TrainConfig) -> tuple[Task, ModelConfig, Any]:
+    """(task, model config, tokenizer) of a resolved `config`, with the data checked
+    before anything compiles.
+
+    `init_from` fixes the architecture and tokenizer to the source's; an existing run in
+    `out_dir` (to be resumed) keeps its own tokenizer.
+    """
+    tokenizer, base_cfg = None, None
+    if config.init_from:
+        base_cfg, tokenizer = load_source_model(config.init_from)
+    if os.path.exists(os.path.join(config.out_dir, "config.json")) and not config.overwrite:
+        tokenizer = tokenizers.load_tokenizer(config.out_dir)
+
+    def model_config(vocab_size: int) -> ModelConfig:
+        overrides = config.model_overrides(vocab_size)
+        if base_cfg is not None:
+            return dataclasses.replace(base_cfg, **overrides)
+        return get_config(config.preset, **overrides)
+
+    objective = get_objective(config.objective)
+    inputs = TaskInputs(config, model_config, tokenizer, config.model.get("vocab_size") or 4096)
+    task, cfg, tokenizer = objective.build_task(inputs)
+    first = task.train_batch(0)
+    widths = [first[k].shape[-1] for k in objective.token_keys if k in first and first[k].ndim == 2]
+    if cfg.pos_encoding == "learned" and widths and max(widths) > cfg.max_len:
+        raise ValueError(f"--seq-len={config.seq_len} exceeds the model's max_len={cfg.max_len}: "
+                         f"pass --max-len {config.seq_len} or a shorter --seq-len")
+    for batch in (first, *task.val_batches):
+        objective.check_batch(batch, cfg)
+    return task, cfg, tokenizer
+
+
+def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> TrainResult:
+    """Train as `config` says: validate everything, then start, resume or overwrite the run
+    in `config.out_dir` and train to `max_steps` (or a SIGTERM/SIGINT, after which the step
+    is finished and saved). A run that already reached `max_steps` is left as it is (pass
+    a larger `max_steps` to extend it).
+
+    `say` prints progress (default: print on process 0, nothing elsewhere).
+
+    Raises ValueError for invalid settings, data or run directories (before writing
+    anything), FloatingPointError for a non-finite step without `skip_nonfinite`.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config={config!r}: expected a TrainConfig")
+    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    enable_compile_cache() if config.compile_cache else disable_compile_cache()
+    resolved = config.resolve(accelerator=jax.default_backend() != "cpu")
+    is_main = jax.process_index() == 0
+    say = say or (print if is_main else (lambda *a, **k: None))
+    objective = get_objective(resolved.objective)
+
+    task, cfg, tokenizer = build_task(resolved)
+    record = run_dir_lib.run_record(cfg.to_dict(), resolved.record(), task.extra, config.derived())
+    resuming = run_dir_lib.agree_on_out_dir(resolved.out_dir, record, overwrite=resolved.overwrite,
+                                            resume=resolved.resume)
+    run = compile_run(task, objective, lr=resolved.lr, warmup_steps=resolved.warmup_steps,
+                      decay_steps=resolved.decay_steps, batch_size=resolved.batch_size,
+                      weight_decay=resolved.weight_decay, grad_clip=resolved.grad_clip,
+                      freeze=resolved.freeze, seed=resolved.seed, label_smoothing=resolved.label_smoothing,
+                      accum_steps=resolved.accum_steps, mesh=make_run_mesh(resolved.mesh))
+    if is_main:  # only once every setting has been validated
+        run_dir_lib.prepare_out_dir(resolved.out_dir, record, tokenizer, resuming=resuming)
+    if jax.process_count() > 1:  # no process reads the directory before process 0 has written it
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("train: out-dir ready")
+
+    ckpt = checkpoint.Checkpointer(os.path.join(resolved.out_dir, "checkpoints"),
+                                   max_to_keep=resolved.keep_checkpoints)
+    mesh_ctx = sharding.use_mesh(run.mesh) if run.mesh is not None else contextlib.nullcontext()
+    with ckpt, StopSignal() as stop:
+        with mesh_ctx:
+            state = None
+            if resuming:
+                state = ckpt.restore(checkpoint.abstract_state(run.abstract, run.state_sharding))
+            start = 0 if state is None else int(state.step)
+            if start >= resolved.max_steps:
+                say(f"{resolved.out_dir} already finished: it stands at step {start} "
+                    f"(--max-steps {resolved.max_steps}). To train it further, re-run with a larger "
+                    f"--max-steps (e.g. --max-steps {2 * resolved.max_steps}); warmup and decay follow it "
+                    f"unless you set them. To generate from it: python train.py sample --out-dir "
+                    f"{resolved.out_dir}")
+                return TrainResult(resolved, start, already_finished=True)
+            if state is None:
+                state = run.init_state()
+                if resolved.init_from:
+                    state = state.replace(params=init_params_from(resolved.init_from, state.params, say))
+            n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.abstract.params))
+            say(f"{resolved.objective}: {n_params / 1e6:.2f}M params ({cfg.d_model}d x {cfg.num_layers}L, "
+                f"{cfg.dtype}), vocab {cfg.vocab_size}, batch {resolved.batch_size} x {resolved.seq_len}, "
+                f"{resolved.max_steps} steps on {run.num_devices} {jax.default_backend()} device(s), "
+                f"into {resolved.out_dir}" + (f"; resuming at step {start}" if start else ""))
+            if task.baseline is not None:
+                say(f"unigram entropy of the training tokens: {task.baseline:.3f} nats")
+            flops = None
+            if objective.model_kind == "decoder_lm":
+                from transformer_jax.models import flops_per_token
+                flops = float(flops_per_token(cfg, resolved.seq_len))
+            state, val_loss = train_loop(resolved, objective, task, flops, run, state, ckpt, stop, say,
+                                         is_main)
+        result = TrainResult(resolved, int(state.step), val_loss, stopped_by=stop.received, state=state)
+        # Outside the mesh, on one device: generation under the mesh's sharding rules would
+        # make XLA rematerialise every sharded weight. (Multi-process: params span hosts,
+        # and generation here is single-process.)
+        if not stop.received and jax.process_count() == 1 and resolved.sample_tokens and task.show:
+            result.sample = task.show(jax.device_get(state.params))
+            with open(os.path.join(resolved.out_dir, "sample.txt"), "w") as f:
+                f.write(result.sample + "\n")
+            say(("sample:\n" if "\n" in result.sample else "") + result.sample)
+    return result
