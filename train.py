@@ -22,7 +22,8 @@ import math
 import sys
 from typing import Any, Callable
 
-USAGE = "train.py [flags]  |  train.py sample [flags]  (train.py sample --help)"
+USAGE = ("train.py [flags]  |  train.py sample|embed|search [flags]  (train.py sample --help, "
+         "train.py embed --help, train.py search --help)")
 
 
 def positive_int(text: str) -> int:
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="train.py", usage=USAGE, description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
-                                epilog="subcommands: sample (generate text from a trained clm run)")
+                                epilog="subcommands: sample (generate text from a trained clm run), embed (build a "
+                                       "vector index of texts with a sentence encoder), search (query it)")
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=list_presets(), default=None,
                      help="model preset (default: a small char model on CPU, char-small on accelerators)")
@@ -256,8 +258,28 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_command(name: str) -> tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]:
+    """`train.py embed|search`: transformer_jax.search's command line, under train.py's name."""
+    def parser() -> argparse.ArgumentParser:
+        from transformer_jax.search import cli
+
+        add_arguments, _, description = cli.COMMANDS[name]
+        p = argparse.ArgumentParser(prog=f"train.py {name}", description=description)
+        add_arguments(p)
+        return p
+
+    def runner(args: argparse.Namespace) -> int:
+        from transformer_jax.search import cli
+
+        return cli.COMMANDS[name][1](args)
+
+    return parser, runner
+
+
 SUBCOMMANDS: dict[str, tuple[Callable[[], argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {
     "sample": (sample_parser, run_sample),
+    "embed": search_command("embed"),    # build a vector index of a file or folder of texts
+    "search": search_command("search"),  # query it
 }
 
 

@@ -52,9 +52,16 @@ def test_embed_folder_and_errors(mlm_run, tmp_path, capsys):
     (folder / "sub" / "b.txt").write_text("a dog ran")
     (folder / "skip.bin").write_bytes(b"\xff\xfe")
     index_path = tmp_path / "f.index"
-    assert cli.main(["embed", str(folder), "--pattern", "*.txt", "--model", mlm_run,
-                     "--index", str(index_path)]) == 0
+    import train  # the same commands mounted as `train.py embed` / `train.py search`
+
+    assert train.main(["embed", str(folder), "--pattern", "*.txt", "--model", mlm_run,
+                       "--index", str(index_path)]) == 0
     assert VectorIndex.load(index_path).ids == ["a.txt", "sub/b.txt"]
+    capsys.readouterr()
+    assert train.main(["search", "--index", str(index_path), "-k", "2", "--json", "a dog"]) == 0
+    via_train = json.loads(capsys.readouterr().out)
+    assert cli.main(["search", "--index", str(index_path), "-k", "2", "--json", "a dog"]) == 0
+    assert via_train == json.loads(capsys.readouterr().out) and len(via_train["a dog"]) == 2
     capsys.readouterr()
     assert cli.main(["search", "--index", str(index_path), "-k", "3", "cat"]) == 1
     assert "k=3 is larger than the corpus (2 rows)" in capsys.readouterr().err

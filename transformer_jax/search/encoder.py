@@ -237,29 +237,19 @@ def is_run_directory(path: str) -> bool:
 
 def load_run_encoder(run_dir: str) -> tuple[Any, Any, Any, Any, str | None]:
     """(Encoder, its params, tokenizer with encode_batch, ModelConfig, pooling or None) of a
-    train.py run of an encoder objective, from its best (else latest) checkpoint.
+    train.py run of an encoder objective, from its best (else latest) checkpoint
+    (`transformer_jax.load_run`)."""
+    from transformer_jax.run import load_run
 
-    The one place that reads a run directory: switch it to the run machinery's loader
-    when there is one.
-    """
-    from transformer_jax.checkpoint import Checkpointer
-    from transformer_jax.config import ModelConfig
-    from transformer_jax.tokenizers import load_tokenizer
-
-    with open(os.path.join(run_dir, "config.json")) as f:
-        config = json.load(f)
-    objective = config["train"].get("objective")
+    run = load_run(run_dir)
+    objective = run.config.objective
     if objective not in ("mlm", "classify"):
         raise ValueError(f"{run_dir!r} is a {objective!r} run: a sentence encoder needs an encoder "
                          "run (--objective mlm or classify)")
-    cfg = ModelConfig.from_dict(config["model"])
-    with Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-        params = ckpt.restore_params()
     # A classify run pooled as it was trained; an mlm run never pooled.
-    pooling = config["train"].get("pooling") if objective == "classify" else None
-    model, params = encoder_of(MaskedLM(cfg) if objective == "mlm" else SequenceClassifier(cfg, 1),
-                               params, run_dir)
-    return model, params, PlainTokenizer(load_tokenizer(run_dir)), cfg, pooling
+    pooling = run.config.pooling if objective == "classify" else None
+    model, params = encoder_of(run.model, run.params, run_dir)
+    return model, params, PlainTokenizer(run.tokenizer), run.model_config, pooling
 
 
 def encoder_of(model: Any, params: Any, source: str) -> tuple[Any, Any]:
