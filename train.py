@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     ModelConfig override). Defaults of None are filled in by `TrainConfig.resolve`."""
     from transformer_jax.config import ModelConfig, list_presets
     from transformer_jax.objectives import get_objective, objective_names
+    from transformer_jax.word_vectors import cli as word_vectors_cli
 
     p = argparse.ArgumentParser(prog="train.py", usage=USAGE, description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter,
@@ -111,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("run")
     run.add_argument("--preset", choices=list_presets(), default=None,
                      help="model preset (default: a small char model on CPU, char-small on accelerators)")
-    run.add_argument("--objective", choices=objective_names(), default="clm",
-                     help="; ".join(f"{n}: {get_objective(n).description}" for n in objective_names()))
+    run.add_argument("--objective", choices=[*objective_names(), *word_vectors_cli.OBJECTIVES], default="clm",
+                     help="; ".join([*(f"{n}: {get_objective(n).description}" for n in objective_names()),
+                                     *(f"{n}: {text}" for n, text in word_vectors_cli.OBJECTIVES.items())]))
     run.add_argument("--data", default=None,
                      help="'stdlib', 'shakespeare', a text file/folder, or a TSV file (seq2seq, "
                           "classify); default: stdlib, or a synthetic task for seq2seq/classify")
@@ -187,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="multi-process runs (default: from the launcher's environment, else 1)")
     dist.add_argument("--process-id", type=nonneg_int, default=None,
                       help="multi-process runs (default: from the launcher's environment, else 0)")
+    word_vectors_cli.add_arguments(p, positive_int, nonneg_float, positive_float)
     model = p.add_argument_group("model (override any preset field)")
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _MODEL_FLAG_SKIP:
@@ -208,9 +211,15 @@ def config_from_args(args: argparse.Namespace):
     return TrainConfig(model=model, **{k: v for k, v in values.items() if k in fields})
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from transformer_jax.run import train
+    from transformer_jax.word_vectors import cli as word_vectors_cli
 
+    if args.objective in word_vectors_cli.OBJECTIVES:
+        return word_vectors_cli.run(args, parser)
+    words_only = word_vectors_cli.set_flags(args, parser, word_vectors_cli.WORD_ONLY_FLAGS)
+    if words_only:
+        raise ValueError(f"{', '.join(words_only)}: only for the word-vector objectives (cbow, skipgram, glove)")
     train(config_from_args(args))
     return 0
 
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in SUBCOMMANDS:
         parser, runner = SUBCOMMANDS[argv[0]]
         return runner(parser().parse_args(argv[1:]))
-    return run_train(build_parser().parse_args(argv))
+    parser = build_parser()
+    return run_train(parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":
