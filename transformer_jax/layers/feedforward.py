@@ -6,6 +6,7 @@ import jax
 
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
+from transformer_jax.layers.attention import Projection
 
 
 def activation_fn(name: str):
@@ -34,17 +35,16 @@ class FeedForward(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
 
-        def dense(features: int, axes: tuple[str, str], std: float, name: str) -> nn.Dense:
-            return nn.Dense(
-                features, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                kernel_init=init.normal(axes, std), bias_init=init.zeros(axes[1:]), name=name,
-            )
+        def dense(fan_in: int, features: int, axes: tuple[str, str], std: float, name: str) -> Projection:
+            # Projection (one 2-D matmul) rather than nn.Dense: same params and sums, faster on CPU
+            return Projection("btd,df->btf", (fan_in, features), axes, cfg.use_bias, cfg.compute_dtype,
+                              std, name=name)
 
-        hidden = dense(cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wi")(x)
+        hidden = dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wi")(x)
         if cfg.activation == "swiglu":
-            gate = dense(cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wg")(x)
+            gate = dense(cfg.d_model, cfg.d_ff, ("embed", "mlp"), init.INIT_STD, "wg")(x)
             hidden = nn.silu(gate) * hidden
         else:
             hidden = activation_fn(cfg.activation)(hidden)
         hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
-        return dense(cfg.d_model, ("mlp", "embed"), self.out_std, "wo")(hidden)
+        return dense(cfg.d_ff, cfg.d_model, ("mlp", "embed"), self.out_std, "wo")(hidden)
