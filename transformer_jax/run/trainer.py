@@ -110,8 +110,8 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
                       accum_steps=resolved.accum_steps, mesh=make_run_mesh(resolved.mesh))
     # Only once every setting has been validated: one writer per run (process 0 holds the
     # lock until the run ends), and a full disk anywhere in the run is one error naming it.
-    with run_dir_lib.lock_out_dir(resolved.out_dir, overwrite=resolved.overwrite, resuming=resuming), \
-            run_dir.disk_full_as_error(resolved.out_dir, "training"):
+    with run_dir.disk_full_as_error(resolved.out_dir, "training"), \
+            run_dir_lib.lock_out_dir(resolved.out_dir, overwrite=resolved.overwrite, resuming=resuming):
         return _train_locked(resolved, objective, task, cfg, tokenizer, record, run, resuming,
                              is_main, say)
 

@@ -1,0 +1,225 @@
+"""Fault injection into the run API (issue 12): `transformer_jax.train` keeps the rules of
+transformer_jax/run_dir.py, checkpoint.py and the loop. In-process, tiny preset, CPU; one
+short training (stopped by a SIGTERM) is shared by the tests that need a run, and every
+other test stops before training. Slow CLI variants of these (kill -9 loops, a tmpfs
+disk, a missing peer) are left to the adversarial scripts of the issue.
+"""
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from processes import REPO, cpu_env
+from transformer_jax import TrainConfig, checkpoint, run_dir, run_log, train
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
+
+
+def _config(corpus, out_dir, **overrides):
+    fields = dict(preset="tiny", data=str(corpus), out_dir=str(out_dir), mesh="none", batch_size=4,
+                  seq_len=16, max_steps=1000, eval_every=1000, eval_batches=2, log_every=1,
+                  checkpoint_every=1000, sample_tokens=0, compile_cache=False)
+    return TrainConfig(**{**fields, **overrides})
+
+
+def _tree(root):
+    """Every path under `root` with its bytes (None for folders)."""
+    out = {}
+    for base, dirs, files in os.walk(root):
+        for d in dirs:
+            out[os.path.relpath(os.path.join(base, d), root)] = None
+        for f in files:
+            with open(os.path.join(base, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(base, f), root)] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    import numpy as np
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text(" ".join(np.random.default_rng(0).choice(WORDS, size=3000)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def stopped_run(corpus, tmp_path_factory):
+    """A run that a SIGTERM stops while step 3 is logged (checkpoints every 1000 steps, so
+    only the signal's own save can keep step 3): (out_dir, TrainResult, what it said)."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    original, said = run_log.RunLog.write, []
+
+    def write(self, record):
+        if record["step"] == 3:
+            signal.raise_signal(signal.SIGTERM)  # arrives after the step, while it is logged
+        return original(self, record)
+
+    run_log.RunLog.write = write
+    try:
+        result = train(_config(corpus, out), say=said.append)
+    finally:
+        run_log.RunLog.write = original
+    return out, result, said
+
+
+def _copy(stopped_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run[0], out)
+    return out
+
+
+# ------------------------------------------------------------------ 5: a stop signal
+
+
+def test_sigterm_while_logging_saves_that_step_and_says_so_truthfully(stopped_run):
+    out, result, said = stopped_run
+    assert result.stopped_by == "SIGTERM" and result.step == 3
+    assert [s for s in said if "SIGTERM" in s] == ["SIGTERM received: saved step 3, exiting"]
+    with checkpoint.Checkpointer(str(out / "checkpoints")) as ckpt:
+        assert ckpt.all_steps() == [3]  # what it said is on disk
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert not (out / "run.lock").exists()  # the lock is released on exit
+
+
+# ------------------------------------------------------------------ 1, 2: the out-dir rules
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_that_is_not_a_run_is_refused_and_left_unchanged(corpus, tmp_path, overwrite):
+    (tmp_path / ".git" / "objects").mkdir(parents=True)
+    (tmp_path / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (tmp_path / "my_code.py").write_text("print('mine')\n")
+    before = _tree(tmp_path)
+    with pytest.raises(run_dir.RunDirError, match="is not empty and holds no run"):
+        train(_config(corpus, tmp_path, overwrite=overwrite))
+    assert _tree(tmp_path) == before
+
+
+def test_a_run_that_lost_its_config_is_an_error_not_a_fresh_start(stopped_run, corpus, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    (out / "config.json").unlink()
+    before = _tree(out)
+    with pytest.raises(run_dir.RunDirError, match="holds checkpoints but no config.json"):
+        train(_config(corpus, out))
+    assert _tree(out) == before  # checkpoints kept
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_truncated_run_file_is_one_line_naming_it(stopped_run, corpus, tmp_path, name):
+    out = _copy(stopped_run, tmp_path)
+    text = (out / name).read_text()
+    (out / name).write_text(text[:len(text) // 2])
+    with pytest.raises(ValueError, match="truncated") as info:
+        train(_config(corpus, out))
+    assert str(out / name) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_metrics_with_a_cut_last_line_or_a_damaged_one(tmp_path):
+    good = [{"step": 1, "train_loss": 2.0}, {"step": 2, "train_loss": 1.5}]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"step": 3, "train_lo')
+    with pytest.warns(UserWarning, match="incomplete last line 3"):
+        log = run_log.RunLog(str(tmp_path), start_step=2)
+    log.tb = None  # TensorBoard is not what this checks
+    log.close()
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good
+    path.write_text('{"step": 1}\n{"st\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=f"{path}' line 2 is not valid JSON"):
+        run_log.RunLog(str(tmp_path), start_step=3)
+
+
+# ------------------------------------------------------------------ 3, 4: damaged checkpoints
+
+
+def test_no_readable_checkpoint_is_an_error_now_and_on_the_next_run(stopped_run, corpus, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    for root, _, files in os.walk(out / "checkpoints" / "3" / "params"):
+        for name in files:
+            os.truncate(os.path.join(root, name), 0)
+    for _ in range(2):  # never a silent restart from step 0
+        with pytest.raises(checkpoint.NoReadableCheckpointError, match="no readable checkpoint"):
+            train(_config(corpus, out, max_steps=6))
+    assert [n.split(".")[0] for n in os.listdir(out / "checkpoints")] == ["3"]  # set aside, kept
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+# ------------------------------------------------------------------ 6, 7: one writer, a full disk
+
+
+HOLD_LOCK = """
+import sys
+from transformer_jax import run_dir
+with run_dir.RunLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_second_writer_fails_naming_the_holder_and_changes_nothing(stopped_run, corpus, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=cpu_env(), cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = _tree(out)
+        for overwrite in (False, True):  # resuming it, or replacing it
+            with pytest.raises(run_dir.RunLockedError, match=f"pid {holder.pid}"):
+                train(_config(corpus, out, max_steps=6, overwrite=overwrite))
+            assert _tree(out) == before
+    finally:
+        holder.communicate("", timeout=60)
+    assert not (out / "run.lock").exists()
+
+
+def test_a_full_disk_in_the_run_is_one_error_naming_the_directory(stopped_run, corpus, tmp_path,
+                                                                   monkeypatch):
+    out = _copy(stopped_run, tmp_path)
+
+    def no_space(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(run_dir, "write_atomic", no_space)  # config.json's rewrite on resume
+    with pytest.raises(run_dir.DiskFullError, match=f"disk full: .* holding {out} while training"):
+        train(_config(corpus, out, max_steps=6))
+    assert not (out / "run.lock").exists()
+
+
+# ------------------------------------------------------------------ 10, 11: checked up front
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ("abc\tcba\n\tx\n", "row 2: empty source"),
+    ("abc\tcba\n" + "a" * 40 + "\tx\n", "row 2: source of 40 tokens > 16"),
+])
+def test_seq2seq_pairs_that_do_not_fit_fail_before_training(tmp_path, rows, expected):
+    data = tmp_path / "pairs.tsv"
+    data.write_text(rows * 10)
+    config = TrainConfig(objective="seq2seq", preset="tiny", data=str(data), out_dir=str(tmp_path / "run"),
+                         mesh="none", seq_len=16, max_steps=3, compile_cache=False)
+    with pytest.raises(ValueError, match=expected) as info:
+        train(config)
+    assert f"--data {data}" in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value", [("rope_base", float("nan")), ("layer_norm_eps", float("nan")),
+                                          ("layer_norm_eps", float("inf"))])
+def test_non_finite_model_settings_are_rejected_before_anything_runs(corpus, tmp_path, field, value):
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        train(_config(corpus, tmp_path / "run", model={field: value}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_distributed_timeout_is_a_checked_setting():
+    assert TrainConfig().distributed_timeout_s == 300.0
+    for bad in (0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="distributed_timeout_s"):
+            TrainConfig(distributed_timeout_s=bad)
