@@ -12,10 +12,14 @@ import signal
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
+import train as train_cli
 from processes import REPO, cpu_env
-from transformer_jax import TrainConfig, checkpoint, run_dir, run_log, train
+from transformer_jax import TrainConfig, checkpoint, load_run, run_dir, run_log, train
+from transformer_jax.run import loop
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
@@ -42,7 +46,6 @@ def _tree(root):
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    import numpy as np
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
     path.write_text(" ".join(np.random.default_rng(0).choice(WORDS, size=3000)) + "\n")
     return path
@@ -50,8 +53,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stopped_run(corpus, tmp_path_factory):
-    """A run that a SIGTERM stops while step 3 is logged (checkpoints every 1000 steps, so
-    only the signal's own save can keep step 3): (out_dir, TrainResult, what it said)."""
+    """A run that a SIGTERM stops while step 3 is logged (checkpoints every 2 steps, so only
+    the signal's own save can keep step 3): (out_dir, TrainResult, what it said)."""
     out = tmp_path_factory.mktemp("stopped") / "run"
     original, said = run_log.RunLog.write, []
 
@@ -62,7 +65,7 @@ def stopped_run(corpus, tmp_path_factory):
 
     run_log.RunLog.write = write
     try:
-        result = train(_config(corpus, out), say=said.append)
+        result = train(_config(corpus, out, checkpoint_every=2), say=said.append)
     finally:
         run_log.RunLog.write = original
     return out, result, said
@@ -82,10 +85,38 @@ def test_sigterm_while_logging_saves_that_step_and_says_so_truthfully(stopped_ru
     assert result.stopped_by == "SIGTERM" and result.step == 3
     assert [s for s in said if "SIGTERM" in s] == ["SIGTERM received: saved step 3, exiting"]
     with checkpoint.Checkpointer(str(out / "checkpoints")) as ckpt:
-        assert ckpt.all_steps() == [3]  # what it said is on disk
+        assert ckpt.all_steps() == [2, 3]  # what it said is on disk
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert not (out / "run.lock").exists()  # the lock is released on exit
+
+
+class _Saver:
+    """A Checkpointer's save outcome as `loop._say_saved` sees it (latest step on disk, or
+    the error the pending save raises)."""
+
+    def __init__(self, latest, error=None):
+        self.latest, self.error = latest, error
+
+    def wait(self):
+        if self.error is not None:
+            raise self.error
+
+    def latest_step(self):
+        return self.latest
+
+
+def test_a_stop_signal_says_saved_only_when_the_step_is_on_disk():
+    said = []
+    loop._say_saved(_Saver(5), "SIGTERM", 5, said.append)
+    loop._say_saved(_Saver(3), "SIGINT", 5, said.append)
+    with pytest.raises(OSError, match="No space"):
+        loop._say_saved(_Saver(3, OSError(errno.ENOSPC, "No space left on device")), "SIGTERM", 5,
+                        said.append)
+    assert said == ["SIGTERM received: saved step 5, exiting",
+                    "SIGINT received: could not save step 5; the latest checkpoint is step 3, exiting",
+                    "SIGTERM received: could not save step 5 ([Errno 28] No space left on device); "
+                    "the latest checkpoint is step 3, exiting"]
 
 
 # ------------------------------------------------------------------ 1, 2: the out-dir rules
@@ -135,18 +166,37 @@ def test_metrics_with_a_cut_last_line_or_a_damaged_one(tmp_path):
         run_log.RunLog(str(tmp_path), start_step=3)
 
 
-# ------------------------------------------------------------------ 3, 4: damaged checkpoints
+# ------------------------------------------------------------------ 3, 4, 13: damaged checkpoints
+
+
+def _truncate_params(step_dir):
+    for root, _, files in os.walk(step_dir / "params"):
+        for name in files:
+            os.truncate(os.path.join(root, name), 0)
+
+
+def test_load_run_falls_back_from_a_truncated_checkpoint_and_renames_nothing(stopped_run, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    with checkpoint.Checkpointer(str(out / "checkpoints")) as ckpt:
+        want = ckpt.restore_params(2)
+    _truncate_params(out / "checkpoints" / "3")
+    before = sorted(os.listdir(out / "checkpoints"))
+    with pytest.warns(UserWarning, match="step 3 .*damaged"):
+        run = load_run(str(out))
+    assert run.step == 2
+    for got, expected in zip(jax.tree.leaves(run.params), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got), expected)
+    assert sorted(os.listdir(out / "checkpoints")) == before
 
 
 def test_no_readable_checkpoint_is_an_error_now_and_on_the_next_run(stopped_run, corpus, tmp_path):
     out = _copy(stopped_run, tmp_path)
-    for root, _, files in os.walk(out / "checkpoints" / "3" / "params"):
-        for name in files:
-            os.truncate(os.path.join(root, name), 0)
+    for step in (2, 3):
+        _truncate_params(out / "checkpoints" / str(step))
     for _ in range(2):  # never a silent restart from step 0
         with pytest.raises(checkpoint.NoReadableCheckpointError, match="no readable checkpoint"):
             train(_config(corpus, out, max_steps=6))
-    assert [n.split(".")[0] for n in os.listdir(out / "checkpoints")] == ["3"]  # set aside, kept
+    assert sorted(n.split(".")[0] for n in os.listdir(out / "checkpoints")) == ["2", "3"]  # set aside, kept
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 
@@ -192,6 +242,33 @@ def test_a_full_disk_in_the_run_is_one_error_naming_the_directory(stopped_run, c
     assert not (out / "run.lock").exists()
 
 
+DISK_FULL_AT_CONFIG = """
+import errno, runpy, sys
+from transformer_jax import run_dir
+
+def no_space(path, text):
+    raise OSError(errno.ENOSPC, "No space left on device", path)
+
+run_dir.write_atomic = no_space
+sys.argv = ["train.py", *sys.argv[1:]]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_the_cli_prints_a_full_disk_as_one_line(stopped_run, corpus, tmp_path):
+    out = _copy(stopped_run, tmp_path)
+    flags = ["--preset", "tiny", "--data", str(corpus), "--out-dir", str(out), "--mesh", "none",
+             "--batch-size", "4", "--seq-len", "16", "--max-steps", "6", "--eval-every", "1000",
+             "--eval-batches", "2", "--log-every", "1", "--checkpoint-every", "2", "--sample-tokens", "0"]
+    result = subprocess.run([sys.executable, "-c", DISK_FULL_AT_CONFIG, *flags], env=cpu_env(), cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[-1] == (f"train.py: error: [Errno 28] disk full: no space left on the device holding "
+                         f"{out} while training"), result.stderr[-3000:]
+
+
 # ------------------------------------------------------------------ 10, 11: checked up front
 
 
@@ -218,8 +295,10 @@ def test_non_finite_model_settings_are_rejected_before_anything_runs(corpus, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_the_distributed_timeout_is_a_checked_setting():
+def test_the_distributed_timeout_is_a_checked_setting_and_flag():
     assert TrainConfig().distributed_timeout_s == 300.0
+    args = train_cli.build_parser().parse_args(["--distributed-timeout", "5"])
+    assert train_cli.config_from_args(args).distributed_timeout_s == 5.0
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="distributed_timeout_s"):
             TrainConfig(distributed_timeout_s=bad)
