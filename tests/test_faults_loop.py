@@ -18,7 +18,7 @@ import pytest
 
 import train as train_cli
 from processes import REPO, cpu_env
-from transformer_jax import TrainConfig, checkpoint, load_run, run_dir, run_log, train
+from transformer_jax import TrainConfig, checkpoint, load_run, run_dir, run_log, sharding, train
 from transformer_jax.run import loop
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -295,10 +295,23 @@ def test_non_finite_model_settings_are_rejected_before_anything_runs(corpus, tmp
     assert not (tmp_path / "run").exists()
 
 
-def test_the_distributed_timeout_is_a_checked_setting_and_flag():
+def test_the_distributed_timeout_is_a_checked_setting_and_flag_that_train_passes_on(monkeypatch):
     assert TrainConfig().distributed_timeout_s == 300.0
     args = train_cli.build_parser().parse_args(["--distributed-timeout", "5"])
     assert train_cli.config_from_args(args).distributed_timeout_s == 5.0
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def initialize(*args, timeout_s=None):
+        seen.append(timeout_s)
+        raise Stop  # only what train passes on matters here
+
+    monkeypatch.setattr(sharding, "initialize_distributed", initialize)
+    with pytest.raises(Stop):
+        train(TrainConfig(distributed_timeout_s=7.5))
+    assert seen == [7.5]
     for bad in (0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="distributed_timeout_s"):
             TrainConfig(distributed_timeout_s=bad)
