@@ -103,12 +103,7 @@ def prepare_out_dir(out_dir: str, record: dict, tokenizer, *, resuming: bool) ->
     """
     if not resuming:
         tokenizer.save(out_dir)
-    write_json(os.path.join(out_dir, run_dir.CONFIG_FILE), record)
-
-
-def write_json(path: str, value: dict) -> None:
-    """Write `value` to `path` atomically (a temporary name, then a rename)."""
-    run_dir.write_json_atomic(path, value)
+    run_dir.write_json_atomic(os.path.join(out_dir, run_dir.CONFIG_FILE), record)
 
 
 def run_record(model_config: dict, train_record: dict, task_facts: dict, derived: list[str]) -> dict:
