@@ -181,13 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "one device (default: every device on 'data' when there are several)")
     dist.add_argument("--coordinator-address", default=None,
                       help="multi-process runs: host:port of process 0 (default: from the launcher's environment)")
+    dist.add_argument("--distributed-timeout", dest="distributed_timeout_s", type=positive_float,
+                      default=300.0, help="multi-process runs: seconds to wait for every process "
+                                          "to join before exiting with an error")
     dist.add_argument("--num-processes", type=positive_int, default=None,
                       help="multi-process runs (default: from the launcher's environment, else 1)")
     dist.add_argument("--process-id", type=nonneg_int, default=None,
                       help="multi-process runs (default: from the launcher's environment, else 0)")
-    dist.add_argument("--distributed-timeout", dest="distributed_timeout_s", type=positive_float,
-                      default=300.0, help="multi-process runs: seconds to wait for every process "
-                                          "to join before exiting with an error")
     model = p.add_argument_group("model (override any preset field)")
     for f in dataclasses.fields(ModelConfig):
         if f.name not in _MODEL_FLAG_SKIP:
