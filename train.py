@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "one device (default: every device on 'data' when there are several)")
     dist.add_argument("--coordinator-address", default=None,
                       help="multi-process runs: host:port of process 0 (default: from the launcher's environment)")
+    dist.add_argument("--distributed-timeout", dest="distributed_timeout_s", type=positive_float,
+                      default=300.0, help="multi-process runs: seconds to wait for every process "
+                                          "to join before exiting with an error")
     dist.add_argument("--num-processes", type=positive_int, default=None,
                       help="multi-process runs (default: from the launcher's environment, else 1)")
     dist.add_argument("--process-id", type=nonneg_int, default=None,
@@ -307,4 +310,11 @@ if __name__ == "__main__":
         sys.exit(main())
     except (ValueError, TypeError, FloatingPointError, FileNotFoundError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as e:  # run_dir.DiskFullError names the directory; any other full disk too
+        from transformer_jax.run_dir import DiskFullError, is_disk_full
+        if not is_disk_full(e):
+            raise
+        print(f"train.py: error: {e if isinstance(e, DiskFullError) else f'disk full: {e}'}",
+              file=sys.stderr)
         sys.exit(1)

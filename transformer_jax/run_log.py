@@ -66,11 +66,11 @@ class RunLog:
 
 
 def read_jsonl(path: str) -> list[dict]:
-    """The records of a JSON-lines file, skipping blank lines; [] if it does not exist."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a JSON-lines file, skipping blank lines; [] if it does not exist
+    (see run_dir.read_jsonl: a cut last line is dropped with a warning, other damage is a
+    one-line ValueError naming the file)."""
+    from transformer_jax import run_dir
+    return run_dir.read_jsonl(path, "metrics")
 
 
 def plot_losses(records: list[dict], path: str) -> None:

@@ -7,7 +7,6 @@ fields. The resolved config is what a run records in its `config.json`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import re
@@ -48,6 +47,8 @@ class TrainConfig:
       resume / overwrite: insist on resuming / discard an existing run in `out_dir`.
       model: ModelConfig field overrides; `vocab_size` sizes a BPE tokenizer.
       dropout, dtype: ModelConfig's dropout_rate and dtype.
+      distributed_timeout_s: multi-process runs: seconds to wait for every process to join
+        (`sharding.initialize_distributed`) before exiting with a one-line error.
       compile_cache: keep jitted programs in JAX's persistent compilation cache.
       The rest: see `train.py --help`.
     """
@@ -86,6 +87,7 @@ class TrainConfig:
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    distributed_timeout_s: float = 300.0
     compile_cache: bool = True
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
@@ -100,6 +102,10 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+        if not (isinstance(self.distributed_timeout_s, (int, float))
+                and math.isfinite(self.distributed_timeout_s) and self.distributed_timeout_s > 0):
+            raise ValueError(f"distributed_timeout_s={self.distributed_timeout_s!r}: expected a "
+                             f"positive number of seconds")
         if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r}: expected a positive number")
         for name in ("weight_decay", "grad_clip"):
@@ -201,11 +207,9 @@ def _label(path: str) -> str:
 
 def read_run_config(run_dir: str) -> dict:
     """The run's config.json ({"model", "train", "task"}); ValueError if there is none."""
+    from transformer_jax.run_dir import read_json
+
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         raise ValueError(f"{run_dir!r} holds no run (no config.json)")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e})") from None
+    return read_json(path, "the run's config")

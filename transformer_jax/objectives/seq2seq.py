@@ -45,9 +45,13 @@ def build_task(inputs: TaskInputs):
     rows = data.reverse_pairs(2000, seed=c.seed) if c.data == "reverse" else data.read_tsv(c.data)
     tokenizer = make_tokenizer(inputs, "\n".join(s + "\n" + t for s, t in rows))
     train_pairs, val_pairs = data.split_examples(data.encode_pairs(rows, tokenizer))
+    cfg = inputs.model_config(tokenizer.vocab_size)
+    # Sources are never cut (targets are, to tgt_len): an empty or too long one is an error
+    # now, not at the final sample.
+    limit = min(c.seq_len, cfg.max_len) if cfg.pos_encoding == "learned" else c.seq_len
+    data.check_pairs(train_pairs + val_pairs, max_src_len=limit, source=f"--data {c.data}")
     src_len, tgt_len = data.seq2seq_lengths(train_pairs + val_pairs)
     src_len, tgt_len = min(src_len, c.seq_len), min(tgt_len, c.seq_len)
-    cfg = inputs.model_config(tokenizer.vocab_size)
     ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
 
     def make(pairs, seed, step):

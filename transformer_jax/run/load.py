@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Callable
 
 import jax
@@ -43,7 +44,9 @@ def load_run(run_dir: str, *, step: int | None = None) -> LoadedRun:
     model and the parameters of checkpoint `step` (default: the best, else the newest).
 
     Raises:
-      ValueError: `run_dir` holds no run, or no checkpoint.
+      ValueError: `run_dir` holds no run, or no checkpoint; a damaged config.json (one line
+        naming it); checkpoint.NoReadableCheckpointError when no checkpoint is readable (a
+        damaged best one falls back, with a warning, to the others newest first).
     """
     from transformer_jax.objectives import get_objective
 
@@ -54,13 +57,31 @@ def load_run(run_dir: str, *, step: int | None = None) -> LoadedRun:
                          out_dir=run_dir)
     tokenizer = tokenizers.load_tokenizer(run_dir)
     with checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
-        chosen = step if step is not None else (ckpt.best_step() or ckpt.latest_step())
-        if chosen is None:
-            raise ValueError(f"{run_dir!r} holds no checkpoint yet")
-        params = jax.tree.map(jax.numpy.asarray, ckpt.restore_params(chosen))
+        chosen, params = _readable_params(ckpt, step, run_dir)
+        params = jax.tree.map(jax.numpy.asarray, params)
     task = record.get("task", {})
     model = get_objective(config.objective).make_model(cfg, config, task)
     return LoadedRun(config, cfg, tokenizer, params, model, chosen, task)
+
+
+def _readable_params(ckpt: checkpoint.Checkpointer, step: int | None, run_dir: str) -> tuple[int, Any]:
+    """(step, params) of checkpoint `step`; by default the best, falling back (with a warning,
+    renaming nothing) to the others newest first when one fails its checksums."""
+    if step is not None:
+        return step, ckpt.restore_params(step)
+    best = ckpt.best_step()
+    candidates = ([best] if best is not None else []) + [
+        s for s in reversed(ckpt.all_steps()) if s != best]
+    if not candidates and not ckpt.set_aside():
+        raise ValueError(f"{run_dir!r} holds no checkpoint yet")
+    for s in candidates:
+        try:
+            return s, ckpt.restore_params(s)
+        except checkpoint.CorruptCheckpointError as e:
+            warnings.warn(f"{e}; trying the next checkpoint", stacklevel=3)
+    raise checkpoint.NoReadableCheckpointError(
+        f"no readable checkpoint in {ckpt.directory} (tried steps {candidates}, set aside "
+        f"earlier: {ckpt.set_aside()})")
 
 
 def load_source_model(source: str) -> tuple[ModelConfig, Tokenizer]:

@@ -120,11 +120,11 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             log.write(record)
             bar.update(1)
             _report(record, task.baseline, say if not bar.enabled else bar.write)
-            if last or done % config.checkpoint_every == 0:
+            # stop.received again: a signal that arrived during evaluation or logging
+            if last or stop.received or done % config.checkpoint_every == 0:
                 ckpt.save(done, state, val_loss=step_val)
             if stop.received:
-                # RUN-DIR PLUG-IN (issue 12): the stop-signal save; say truthfully whether it saved.
-                say(f"{stop.received} received: saved step {done}, exiting")
+                _say_saved(ckpt, stop.received, done, say)
                 break
         if pending is not None:
             guard.check(*pending)
@@ -135,6 +135,21 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
     if guard.skipped:
         say(f"{guard.skipped} step(s) skipped for non-finite values")
     return state, val_loss
+
+
+def _say_saved(ckpt, signal_name: str, done: int, say: Callable[[str], None]) -> None:
+    """After a stop signal's save: "saved step N" only once it is on disk, else why not."""
+    try:
+        ckpt.wait()
+    except Exception as e:
+        say(f"{signal_name} received: could not save step {done} ({e}); the latest checkpoint "
+            f"is step {ckpt.latest_step()}, exiting")
+        raise
+    if ckpt.latest_step() == done:
+        say(f"{signal_name} received: saved step {done}, exiting")
+    else:
+        say(f"{signal_name} received: could not save step {done}; the latest checkpoint is step "
+            f"{ckpt.latest_step()}, exiting")
 
 
 def _report(record: dict, baseline: float | None, write) -> None:

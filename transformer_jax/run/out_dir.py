@@ -5,34 +5,33 @@ task's facts, "derived": the schedule settings derived from max_steps}. A run re
 when its recorded config matches, except the RESUMABLE settings and the DERIVED ones
 (so `--max-steps` can extend a finished run; its warmup and decay follow).
 
-The out-dir safety rules and the one-writer lock (transformer_jax/run_dir.py, issue 12)
-plug in at `validate_out_dir` and `prepare_out_dir`, the only places that judge or
-write the directory before training.
+The directory rules and the one-writer lock are transformer_jax/run_dir.py's (issue 12):
+a run never deletes what it did not write; `validate_out_dir` judges the directory without
+changing it, `lock_out_dir` takes the lock (process 0) and, for --overwrite, removes the
+package's own files under it.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import os
-import shutil
 
 import numpy as np
 
+from transformer_jax import run_dir
 from transformer_jax.train_config import DERIVED_FROM_MAX_STEPS, RESUMABLE
 
 
 def validate_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: bool) -> bool:
     """True if `out_dir` holds a compatible run to resume; False for a fresh start.
 
-    Raises ValueError for an incompatible run, or `resume` with nothing to resume.
-    RUN-DIR PLUG-IN (issue 12): the safety rules on what a fresh run may replace go here.
+    Raises ValueError (run_dir.RunDirError) for an incompatible run, `resume` with nothing
+    to resume, a non-empty folder that is not a run, or a run that lost its config.json;
+    reads only (nothing is created or removed here).
     """
-    path = os.path.join(out_dir, "config.json")
-    if resume and (overwrite or not os.path.exists(path)):
-        raise ValueError(f"--resume needs an existing run in {out_dir!r} (and no --overwrite)")
-    if overwrite or not os.path.exists(path):
+    status = run_dir.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume, dry_run=True)
+    if not status.resume:
         return False
-    with open(path) as f:
-        old = json.load(f)
+    old = status.config
     free = set(RESUMABLE) | (set(old.get("derived", ())) & set(record.get("derived", ())))
     diffs = [f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}"
              for section in ("model", "train", "task") for k, v in record[section].items()
@@ -60,6 +59,33 @@ def agree_on_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: boo
             decision = int(validate_out_dir(out_dir, record, overwrite=overwrite, resume=resume))
         except ValueError as e:
             decision, error = -1, e
+    return _agreed(decision, error, out_dir) == 1
+
+
+def lock_out_dir(out_dir: str, *, overwrite: bool, resuming: bool) -> contextlib.ExitStack:
+    """Process 0 takes the one-writer lock of `out_dir` (`run_dir.open_run_dir`, which
+    re-checks the directory under it and, for a fresh --overwrite'n run, removes the
+    package's own files, nothing else); the lock is released when the returned stack
+    exits. Its failure (e.g. run_dir.RunLockedError naming the holder) is broadcast, so
+    every process raises instead of waiting for process 0.
+    """
+    import jax
+
+    stack, ok, error = contextlib.ExitStack(), 1, None
+    if jax.process_index() == 0:
+        try:
+            stack.enter_context(run_dir.open_run_dir(out_dir, overwrite=overwrite and not resuming,
+                                                     resume=resuming))
+        except ValueError as e:
+            ok, error = -1, e
+    _agreed(ok, error, out_dir)
+    return stack
+
+
+def _agreed(decision: int, error: ValueError | None, out_dir: str) -> int:
+    """Process 0's `decision` on every process (-1: it failed with `error`, re-raised there)."""
+    import jax
+
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         decision = int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
@@ -67,33 +93,17 @@ def agree_on_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: boo
         raise error
     if decision < 0:
         raise ValueError(f"--out-dir {out_dir!r} was rejected by process 0 (see its error)")
-    return decision == 1
+    return decision
 
 
 def prepare_out_dir(out_dir: str, record: dict, tokenizer, *, resuming: bool) -> None:
-    """Process 0, once every setting has been validated: a fresh run empties `out_dir` (an
-    --overwrite) and writes config.json and the tokenizer; a resumed run records its
-    resumable changes (e.g. a larger max_steps) in config.json.
-
-    RUN-DIR PLUG-IN (issue 12): take the one-writer lock and clear only what the package
-    wrote here.
+    """Process 0, under the lock of `lock_out_dir`: a fresh run writes config.json and the
+    tokenizer; a resumed run records its resumable changes (e.g. a larger max_steps) in
+    config.json. (An --overwrite'n run was emptied of the package's files by the lock.)
     """
     if not resuming:
-        if os.path.isdir(out_dir):
-            for name in os.listdir(out_dir):
-                full = os.path.join(out_dir, name)
-                shutil.rmtree(full) if os.path.isdir(full) else os.remove(full)
-        os.makedirs(out_dir, exist_ok=True)
         tokenizer.save(out_dir)
-    write_json(os.path.join(out_dir, "config.json"), record)
-
-
-def write_json(path: str, value: dict) -> None:
-    """Write `value` to `path` atomically (a temporary name, then a rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    run_dir.write_json_atomic(os.path.join(out_dir, run_dir.CONFIG_FILE), record)
 
 
 def run_record(model_config: dict, train_record: dict, task_facts: dict, derived: list[str]) -> dict:

@@ -9,7 +9,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from transformer_jax import checkpoint, sharding, tokenizers
+from transformer_jax import checkpoint, run_dir, sharding, tokenizers
 from transformer_jax.config import ModelConfig, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
@@ -83,11 +83,16 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
     `say` prints progress (default: print on process 0, nothing elsewhere).
 
     Raises ValueError for invalid settings, data or run directories (before writing
-    anything), FloatingPointError for a non-finite step without `skip_nonfinite`.
+    anything; run_dir.RunLockedError when another live process holds the run), for a
+    run whose checkpoints are all unreadable (checkpoint.NoReadableCheckpointError) or do
+    not fit the model (checkpoint.CheckpointMismatchError); FloatingPointError for a
+    non-finite step without `skip_nonfinite`; run_dir.DiskFullError (an OSError) for a
+    full disk.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config={config!r}: expected a TrainConfig")
-    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+    sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
+                                    timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
     resolved = config.resolve(accelerator=jax.default_backend() != "cpu")
     is_main = jax.process_index() == 0
@@ -103,7 +108,19 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
                       weight_decay=resolved.weight_decay, grad_clip=resolved.grad_clip,
                       freeze=resolved.freeze, seed=resolved.seed, label_smoothing=resolved.label_smoothing,
                       accum_steps=resolved.accum_steps, mesh=make_run_mesh(resolved.mesh))
-    if is_main:  # only once every setting has been validated
+    # Only once every setting has been validated: one writer per run (process 0 holds the
+    # lock until the run ends), and a full disk anywhere in the run is one error naming it.
+    with run_dir.disk_full_as_error(resolved.out_dir, "training"), \
+            run_dir_lib.lock_out_dir(resolved.out_dir, overwrite=resolved.overwrite, resuming=resuming):
+        return _train_locked(resolved, objective, task, cfg, tokenizer, record, run, resuming,
+                             is_main, say)
+
+
+def _train_locked(resolved: TrainConfig, objective, task: Task, cfg: ModelConfig, tokenizer,
+                  record: dict, run, resuming: bool, is_main: bool,
+                  say: Callable[[str], None]) -> TrainResult:
+    """`train`'s body once the run directory is locked: write it, restore, train, sample."""
+    if is_main:
         run_dir_lib.prepare_out_dir(resolved.out_dir, record, tokenizer, resuming=resuming)
     if jax.process_count() > 1:  # no process reads the directory before process 0 has written it
         from jax.experimental import multihost_utils
@@ -148,7 +165,6 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
         # and generation here is single-process.)
         if not stop.received and jax.process_count() == 1 and resolved.sample_tokens and task.show:
             result.sample = task.show(jax.device_get(state.params))
-            with open(os.path.join(resolved.out_dir, "sample.txt"), "w") as f:
-                f.write(result.sample + "\n")
+            run_dir.write_atomic(os.path.join(resolved.out_dir, "sample.txt"), result.sample + "\n")
             say(("sample:\n" if "\n" in result.sample else "") + result.sample)
     return result
