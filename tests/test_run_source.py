@@ -1,0 +1,150 @@
+"""`--init-from` and `train.py sample --model` with a Hugging Face directory (run/source.py).
+
+The fixtures (tests/fixtures/hf/) are tiny random-initialised transformers models with
+their golden outputs; they carry no tokenizer, so each test copies one and adds a
+character-level tokenizer.json whose ids are the fixture's (id i = chr(32 + i)).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train
+from transformer_jax.pretrained import from_pretrained
+from transformer_jax.run import load_run
+from transformer_jax.run.source import HF, RUN, source_kind, stack_layers
+from transformer_jax.train_config import TrainConfig
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def with_tokenizer(name: str, dest) -> str:
+    """A copy of fixture `name` with a tokenizer.json: id i < vocab-1 is chr(32 + i), the
+    last id is the end-of-text token (also config.json's bos/eos)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    path = os.path.join(dest, name)
+    shutil.copytree(os.path.join(FIXTURES, name), path)
+    with open(os.path.join(path, "config.json")) as f:
+        hf = json.load(f)
+    n = hf["vocab_size"]
+    specials = ["<|endoftext|>"] if hf["model_type"] == "gpt2" else ["[PAD]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {chr(32 + i): i for i in range(n - len(specials))}
+    vocab.update({s: n - len(specials) + i for i, s in enumerate(specials)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(os.path.join(path, "tokenizer.json"))
+    if hf["model_type"] == "gpt2":
+        hf.update(bos_token_id=n - 1, eos_token_id=n - 1)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f)
+    return path
+
+
+def text_of(ids) -> str:
+    return "".join(chr(32 + int(i)) for i in ids)
+
+
+def test_clm_fine_tunes_from_gpt2_resumes_and_samples(tmp_path):
+    model_dir = with_tokenizer("gpt2", tmp_path)
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("a" * 4000)  # every window is "aaa...": the loss has a closed form below
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(objective="clm", init_from=model_dir, data=str(corpus), out_dir=out, max_steps=2,
+                      batch_size=8, seq_len=8, log_every=1, eval_every=2, eval_batches=1, sample_tokens=0,
+                      warmup_steps=0, lr=1e-3)
+    from transformer_jax.run import train as train_run
+
+    train_run(cfg, say=lambda *a: None)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        first = json.loads(f.readline())
+    # Reference: the pretrained model's cross-entropy on "a" * 8 -> next "a" (float64 NumPy).
+    pre = from_pretrained(model_dir)
+    a = ord("a") - 32
+    logits = np.asarray(pre.model.apply({"params": pre.params}, jnp.full((1, 8), a, jnp.int32)), np.float64)[0]
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    assert first["step"] == 1
+    np.testing.assert_allclose(first["train_loss"], -logp[:, a].mean(), rtol=1e-5)
+
+    train_run(TrainConfig(**{**cfg.__dict__, "max_steps": 3}), say=lambda *a: None)  # resumes
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+    run = load_run(out)
+    assert type(run.tokenizer) is type(pre.tokenizer)
+    sentence = "hello, gpt"
+    np.testing.assert_array_equal(run.tokenizer.encode(sentence), pre.tokenizer.encode(sentence))
+    assert (run.tokenizer.eos_id, run.tokenizer.pad_id) == (pre.tokenizer.eos_id, pre.tokenizer.pad_id)
+
+
+def test_sample_model_gives_the_fixture_greedy_tokens(tmp_path):
+    model_dir = with_tokenizer("gpt2", tmp_path)
+    g = np.load(os.path.join(FIXTURES, "gpt2", "golden.npz"))
+    for prompt, greedy in zip(g["tokens"], g["greedy"]):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            train.main(["sample", "--model", model_dir, "--prompt", text_of(prompt), "--strategy", "greedy",
+                        "--max-new-tokens", str(len(greedy))])
+        assert buf.getvalue() == text_of(prompt) + text_of(greedy) + "\n"
+
+
+def test_classify_from_bert_trains(tmp_path):
+    model_dir = with_tokenizer("bert", tmp_path)
+    rows = [f"{i % 2}\t{'good fun' if i % 2 else 'bad dull'} {i}" for i in range(40)]
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_text("\n".join(rows) + "\n")
+    out = str(tmp_path / "cls")
+    from transformer_jax.run import train as train_run
+
+    said = []
+    result = train_run(TrainConfig(objective="classify", init_from=model_dir, data=str(tsv), out_dir=out,
+                                   max_steps=2, batch_size=8, seq_len=16, eval_every=2, eval_batches=1,
+                                   log_every=1, sample_tokens=0), say=said.append)
+    assert result.step == 2 and np.isfinite(result.val_loss)
+    loaded = [s for s in said if s.startswith("--init-from")][0]
+    assert "encoder/" not in loaded.split("initialised fresh")[1].split(",")[0]  # the encoder came in
+    assert set(load_run(out).params["encoder"]) == set(from_pretrained(model_dir).params["encoder"])
+
+
+def test_source_kind_and_errors(tmp_path):
+    bert = with_tokenizer("bert", tmp_path)
+    assert source_kind(bert) == HF
+    with pytest.raises(ValueError, match="clm cannot start from .* masked_lm"):
+        train.main(["--objective", "clm", "--init-from", bert, "--out-dir", str(tmp_path / "x"),
+                    "--max-steps", "1"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a run directory nor a Hugging Face"):
+        source_kind(str(tmp_path / "empty"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text('{"hidden": 3}')
+    with pytest.raises(ValueError, match="neither a run directory nor a Hugging Face"):
+        source_kind(str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="not a directory"):
+        source_kind(str(tmp_path / "missing"))
+    os.remove(os.path.join(bert, "model.safetensors"))
+    with pytest.raises(ValueError, match="without weights"):
+        source_kind(bert)
+    no_tok = str(tmp_path / "gpt2-bare")
+    shutil.copytree(os.path.join(FIXTURES, "gpt2"), no_tok)
+    with pytest.raises(ValueError, match="no tokenizer.json"):
+        train.main(["--init-from", no_tok, "--out-dir", str(tmp_path / "y"), "--max-steps", "1"])
+    with pytest.raises(ValueError, match="sample needs a causal LM"):
+        train.main(["sample", "--model", os.path.join(FIXTURES, "bert")])
+
+
+def test_stack_layers_matches_the_scan_layout():
+    rng = np.random.default_rng(0)
+    tree = {"embed": rng.normal(size=3), "blocks": {f"layer_{i}": {"w": rng.normal(size=(2, 2))} for i in range(3)}}
+    out = stack_layers(tree)
+    assert set(out["blocks"]) == {"layers"} and out["blocks"]["layers"]["w"].shape == (3, 2, 2)
+    for i in range(3):
+        np.testing.assert_array_equal(out["blocks"]["layers"]["w"][i], tree["blocks"][f"layer_{i}"]["w"])
+    assert RUN != HF
