@@ -26,6 +26,21 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """The resumed run jits the same programs again: a persistent cache reads them back."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0)):
+        jax.config.update(name, value)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
 def with_tokenizer(name: str, dest) -> str:
     """A copy of fixture `name` with a tokenizer.json: id i < vocab-1 is chr(32 + i), the
     last id is the end-of-text token (also config.json's bos/eos)."""
@@ -60,7 +75,7 @@ def test_clm_fine_tunes_from_gpt2_resumes_and_samples(tmp_path):
     corpus.write_text("a" * 4000)  # every window is "aaa...": the loss has a closed form below
     out = str(tmp_path / "run")
     cfg = TrainConfig(objective="clm", init_from=model_dir, data=str(corpus), out_dir=out, max_steps=2,
-                      batch_size=8, seq_len=8, log_every=1, eval_every=2, eval_batches=1, sample_tokens=0,
+                      batch_size=2, seq_len=8, mesh="none", log_every=1, eval_every=2, eval_batches=1, sample_tokens=0,
                       warmup_steps=0, lr=1e-3)
     from transformer_jax.run import train as train_run
 
@@ -106,7 +121,7 @@ def test_classify_from_bert_trains(tmp_path):
 
     said = []
     result = train_run(TrainConfig(objective="classify", init_from=model_dir, data=str(tsv), out_dir=out,
-                                   max_steps=2, batch_size=8, seq_len=16, eval_every=2, eval_batches=1,
+                                   max_steps=2, batch_size=4, seq_len=16, mesh="none", eval_every=2, eval_batches=1,
                                    log_every=1, sample_tokens=0), say=said.append)
     assert result.step == 2 and np.isfinite(result.val_loss)
     loaded = [s for s in said if s.startswith("--init-from")][0]
