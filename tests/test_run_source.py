@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import pytest
 import train
 from transformer_jax.pretrained import from_pretrained
 from transformer_jax.run import load_run
-from transformer_jax.run.source import HF, RUN, source_kind, stack_layers
+from transformer_jax.run.source import HF, RUN, has_pooler, source_kind, stack_layers
 from transformer_jax.train_config import TrainConfig
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -111,8 +112,8 @@ def test_sample_model_gives_the_fixture_greedy_tokens(tmp_path):
         assert buf.getvalue() == text_of(prompt) + text_of(greedy) + "\n"
 
 
-def test_classify_from_bert_trains(tmp_path):
-    model_dir = with_tokenizer("bert", tmp_path)
+def test_classify_from_bert_keeps_the_encoder_and_pooler(tmp_path):
+    model_dir = with_tokenizer("bert_classifier", tmp_path)
     rows = [f"{i % 2}\t{'good fun' if i % 2 else 'bad dull'} {i}" for i in range(40)]
     tsv = tmp_path / "labels.tsv"
     tsv.write_text("\n".join(rows) + "\n")
@@ -121,12 +122,20 @@ def test_classify_from_bert_trains(tmp_path):
 
     said = []
     result = train_run(TrainConfig(objective="classify", init_from=model_dir, data=str(tsv), out_dir=out,
-                                   max_steps=2, batch_size=4, seq_len=16, mesh="none", eval_every=2, eval_batches=1,
-                                   log_every=1, sample_tokens=0), say=said.append)
+                                   max_steps=2, batch_size=4, seq_len=16, mesh="none", eval_every=2,
+                                   eval_batches=1, log_every=1, sample_tokens=0, lr=1e-12, warmup_steps=0),
+                       say=said.append)
     assert result.step == 2 and np.isfinite(result.val_loss)
-    loaded = [s for s in said if s.startswith("--init-from")][0]
-    assert "encoder/" not in loaded.split("initialised fresh")[1].split(",")[0]  # the encoder came in
-    assert set(load_run(out).params["encoder"]) == set(from_pretrained(model_dir).params["encoder"])
+    # The fixture classifies 3 labels, this data 2: only the read-out starts fresh.
+    assert [s for s in said if s.startswith("--init-from")][0].endswith(
+        "initialised fresh (classifier/bias, classifier/kernel)")
+    run = load_run(out)
+    assert run.model.pooler and run.task["pooler"]
+    pre = from_pretrained(model_dir)  # with lr 1e-12 the weights stay the pretrained ones
+    for got, want in ((run.params["pooler"], pre.params["pooler"]),
+                      (run.params["encoder"]["embedder"], pre.params["encoder"]["embedder"])):
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 
 def test_source_kind_and_errors(tmp_path):
@@ -136,13 +145,13 @@ def test_source_kind_and_errors(tmp_path):
         train.main(["--objective", "clm", "--init-from", bert, "--out-dir", str(tmp_path / "x"),
                     "--max-steps", "1"])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="neither a run directory nor a Hugging Face"):
+    with pytest.raises(ValueError, match="holds no run and no Hugging Face model: it has no config"):
         source_kind(str(tmp_path / "empty"))
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text('{"hidden": 3}')
-    with pytest.raises(ValueError, match="neither a run directory nor a Hugging Face"):
+    with pytest.raises(ValueError, match="holds no run and no Hugging Face model: its config.json has neither"):
         source_kind(str(tmp_path / "other"))
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match="holds no run .* not a directory"):
         source_kind(str(tmp_path / "missing"))
     os.remove(os.path.join(bert, "model.safetensors"))
     with pytest.raises(ValueError, match="without weights"):
@@ -163,3 +172,32 @@ def test_stack_layers_matches_the_scan_layout():
     for i in range(3):
         np.testing.assert_array_equal(out["blocks"]["layers"]["w"][i], tree["blocks"][f"layer_{i}"]["w"])
     assert RUN != HF
+
+
+def test_pooler_where_the_directory_has_one(tmp_path):
+    assert has_pooler(os.path.join(FIXTURES, "bert_classifier"))
+    assert not has_pooler(os.path.join(FIXTURES, "bert"))
+
+
+def test_a_bert_model_directory_brings_its_pooler(tmp_path):
+    """A BertModel (the layout of sentence-transformers' MiniLM) keeps pooler.dense, which
+    from_pretrained's Encoder skips: hf_params adds it as the classifier's `pooler`."""
+    from safetensors.numpy import load_file, save_file
+
+    from transformer_jax.run.source import hf_params
+
+    src = os.path.join(FIXTURES, "bert_classifier")
+    tensors = {k.removeprefix("bert."): v for k, v in load_file(os.path.join(src, "model.safetensors")).items()
+               if not k.startswith("classifier.")}
+    (tmp_path / "bert_model").mkdir()
+    save_file(tensors, str(tmp_path / "bert_model" / "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as f:
+        hf = {**json.load(f), "architectures": ["BertModel"]}
+    (tmp_path / "bert_model" / "config.json").write_text(json.dumps(hf))
+    params = hf_params(str(tmp_path / "bert_model"))
+    want = from_pretrained(src).params
+    assert has_pooler(str(tmp_path / "bert_model"))
+    np.testing.assert_array_equal(params["pooler"]["kernel"], np.asarray(want["pooler"]["kernel"]))
+    np.testing.assert_array_equal(params["pooler"]["bias"], np.asarray(want["pooler"]["bias"]))
+    for a, b in zip(jax.tree.leaves(params["encoder"]), jax.tree.leaves(want["encoder"])):
+        np.testing.assert_array_equal(a, np.asarray(b))

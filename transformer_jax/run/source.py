@@ -22,12 +22,10 @@ def source_kind(path: str) -> str:
 
     Raises ValueError naming `path` for anything else."""
     if not os.path.isdir(path):
-        raise ValueError(f"{path!r} is not a directory (expected a run directory or a Hugging Face "
-                         f"model directory)")
+        raise ValueError(f"{path!r} holds no run and no Hugging Face model: it is not a directory")
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        raise ValueError(f"{path!r} is neither a run directory nor a Hugging Face model directory: "
-                         f"it has no config.json")
+        raise ValueError(f"{path!r} holds no run and no Hugging Face model: it has no config.json")
     with open(file, encoding="utf-8") as f:
         try:
             record = json.load(f)
@@ -40,8 +38,8 @@ def source_kind(path: str) -> str:
             raise ValueError(f"{path!r} is a Hugging Face config without weights: expected "
                              f"{' or '.join(_WEIGHTS)} beside its config.json")
         return HF
-    raise ValueError(f"{path!r} is neither a run directory nor a Hugging Face model directory: its "
-                     f"config.json has neither \"model\"/\"train\" (a run) nor \"model_type\" (Hugging Face)")
+    raise ValueError(f"{path!r} holds no run and no Hugging Face model: its config.json has neither "
+                     f"\"model\"/\"train\" (a run) nor \"model_type\" (Hugging Face)")
 
 
 def hf_architecture(path: str, objective: str | None = None):
@@ -74,7 +72,16 @@ def hf_params(path: str) -> Any:
     pre = from_pretrained(path)
     params = jax.tree.map(np.asarray, pre.params)
     kind = hf_architecture(path)[1]
-    return {"encoder": params} if kind == "encoder" else params
+    if kind == "encoder":
+        params = {"encoder": params}
+    pooler = _pooler_keys(path)
+    if pooler is not None and kind != "classifier":  # a BertModel's / BertForMaskedLM's pooler: kept
+        from transformer_jax.pretrained.safetensors_io import TensorSource
+
+        source = TensorSource(path)
+        weight, bias = (np.asarray(source.read(k), np.float32) for k in pooler)
+        params["pooler"] = {"kernel": weight.T, "bias": bias}  # torch Linear: [out, in]
+    return params
 
 
 def stack_layers(tree: Any) -> Any:
@@ -102,16 +109,7 @@ def load_run_tokenizer(directory: str):
         return tokenizers.load_tokenizer(directory)
     from transformer_jax.pretrained.tokenizer import HFTokenizer
 
-    with open(config_file, encoding="utf-8") as f:
-        config = json.load(f)
-    with open(os.path.join(directory, tokenizers.TOKENIZER_FILE), encoding="utf-8") as f:
-        text = f.read()
-    tokenizer = HFTokenizer(text, max_length=int(config["model_max_length"]))
-    specials = {n: config.get(f"{n}_token") for n in ("pad", "bos", "eos", "mask")}
-    for name, token in specials.items():
-        if token is not None:
-            setattr(tokenizer, f"{name}_id", tokenizer._hf.token_to_id(token))
-    return tokenizer
+    return HFTokenizer.from_saved(directory)
 
 
 def load_generator(path: str):
@@ -137,3 +135,24 @@ def load_generator(path: str):
 
     pre = from_pretrained(path)
     return pre.model, pre.params, pre.tokenizer
+
+
+def _pooler_keys(path: str) -> tuple[str, str] | None:
+    """The names of BERT's pooler tensors (dense weight, bias) in a Hugging Face directory, if any."""
+    from transformer_jax.pretrained.safetensors_io import TensorSource
+
+    keys = set(TensorSource(path).infos)
+    for prefix in ("bert.pooler.dense.", "pooler.dense."):
+        if {prefix + "weight", prefix + "bias"} <= keys:
+            return prefix + "weight", prefix + "bias"
+    return None
+
+
+def has_pooler(path: str) -> bool:
+    """Whether the --init-from source holds BERT's pooler (dense + tanh on [CLS]), which a
+    classifier fine-tuned from it then keeps: a Hugging Face directory with pooler tensors,
+    or a classify run that had one."""
+    if source_kind(path) == HF:
+        return _pooler_keys(path) is not None
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+        return bool(json.load(f).get("task", {}).get("pooler", False))
