@@ -160,9 +160,9 @@ class TrainConfig:
         if "max_len" in model:
             return model["max_len"]
         if preset is None:  # --init-from: the source run's model
-            from transformer_jax.run.load import load_source_model
+            from transformer_jax.run.load import source_model_config
 
-            base = load_source_model(self.init_from)[0]
+            base = source_model_config(self.init_from)
         else:
             base = get_config(preset)
         return base.max_len

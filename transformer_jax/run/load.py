@@ -81,6 +81,14 @@ def load_source_model(source: str, objective: str | None = None) -> tuple[ModelC
     return ModelConfig.from_dict(record["model"]), load_run_tokenizer(source)
 
 
+def source_model_config(source: str) -> ModelConfig:
+    """The architecture `--init-from source` fixes (a run's or a Hugging Face directory's),
+    without its tokenizer or weights."""
+    if source_kind(source) == HF:
+        return hf_architecture(source)[0]
+    return ModelConfig.from_dict(read_run_config(source)["model"])
+
+
 def load_source_params(source: str) -> Any:
     """The parameters `--init-from source` starts from (host arrays): a run directory's
     best, else newest, checkpoint, or a Hugging Face directory's weights (float32, one

@@ -17,7 +17,7 @@ _WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 
 
 def source_kind(path: str) -> str:
-    """RUN for a run directory (config.json with "model" and "train"), HF for a Hugging Face
+    """RUN for a run directory (config.json with a "model" section), HF for a Hugging Face
     model directory (config.json with "model_type", and safetensors weights).
 
     Raises ValueError naming `path` for anything else."""
@@ -31,7 +31,7 @@ def source_kind(path: str) -> str:
             record = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{file} is not valid JSON ({e})") from None
-    if isinstance(record, dict) and "model" in record and "train" in record:
+    if isinstance(record, dict) and isinstance(record.get("model"), dict):
         return RUN
     if isinstance(record, dict) and "model_type" in record:
         if not any(os.path.isfile(os.path.join(path, w)) for w in _WEIGHTS):
@@ -39,7 +39,7 @@ def source_kind(path: str) -> str:
                              f"{' or '.join(_WEIGHTS)} beside its config.json")
         return HF
     raise ValueError(f"{path!r} holds no run and no Hugging Face model: its config.json has neither "
-                     f"\"model\"/\"train\" (a run) nor \"model_type\" (Hugging Face)")
+                     f"\"model\" (a run) nor \"model_type\" (Hugging Face)")
 
 
 def hf_architecture(path: str, objective: str | None = None):
