@@ -122,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out-dir", default=None,
                      help="run directory (default: runs/<objective>[-<preset>]-<data>)")
     run.add_argument("--init-from", default=None,
-                     help="fine-tune from another run's directory (default: train from scratch)")
+                     help="fine-tune from a run directory, or a Hugging Face directory (config.json "
+                          "+ model.safetensors + tokenizer.json): clm from gpt2/llama/mistral/qwen2, "
+                          "mlm or classify from bert / sentence-transformers (default: from scratch)")
     run.add_argument("--resume", action="store_true",
                      help="continue the run in --out-dir (also automatic when it holds checkpoints)")
     run.add_argument("--overwrite", action="store_true",
@@ -235,8 +237,12 @@ def sample_parser() -> argparse.ArgumentParser:
     from transformer_jax.train_config import TrainConfig, default_out_dir
 
     p = argparse.ArgumentParser(prog="train.py sample", formatter_class=HelpFormatter,
-                                description="Generate text from a trained clm run.")
-    p.add_argument("--out-dir", default=default_out_dir(TrainConfig()), help="the run")
+                                description="Generate text from a trained clm run or a Hugging Face "
+                                            "causal LM directory.")
+    p.add_argument("--out-dir", default=default_out_dir(TrainConfig()), help="the run (unless --model)")
+    p.add_argument("--model", default=None,
+                   help="a run directory or a Hugging Face directory (gpt2, llama, mistral, qwen2: "
+                        "config.json, model.safetensors, tokenizer.json); overrides --out-dir")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample",
                    help="decoding strategy")
@@ -257,14 +263,11 @@ def run_sample(args: argparse.Namespace) -> int:
     """`train.py sample`: the prompt, then what the run's best (else latest) checkpoint
     writes after it, in sliding windows beyond the model's context."""
     from transformer_jax.generation import generate_text
-    from transformer_jax.objectives import get_objective
-    from transformer_jax.run import load_run
+    from transformer_jax.run.source import load_generator
 
-    run = load_run(args.out_dir)
-    if get_objective(run.config.objective).model_kind != "decoder_lm":
-        raise ValueError(f"sample needs a clm run; {args.out_dir!r} is {run.config.objective!r}")
+    model, params, tokenizer = load_generator(args.model or args.out_dir)
     print(args.prompt + generate_text(
-        run.model, run.params, run.tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
+        model, params, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
         strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         num_beams=args.num_beams))
     return 0

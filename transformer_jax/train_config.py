@@ -166,7 +166,9 @@ class TrainConfig:
         if "max_len" in model:
             return model["max_len"]
         if preset is None:  # --init-from: the source run's model
-            base = ModelConfig.from_dict(read_run_config(self.init_from)["model"])
+            from transformer_jax.run.load import source_model_config
+
+            base = source_model_config(self.init_from)
         else:
             base = get_config(preset)
         return base.max_len

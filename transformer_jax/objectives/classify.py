@@ -17,7 +17,8 @@ def loss(model, params, batch, *, label_smoothing=0.0, **apply_kwargs):
 
 
 def make_model(cfg, config, facts):
-    return models.SequenceClassifier(cfg, num_classes=len(facts["label_names"]), pooling=config.pooling)
+    return models.SequenceClassifier(cfg, num_classes=len(facts["label_names"]), pooling=config.pooling,
+                                     pooler=facts.get("pooler", False))
 
 
 def build_task(inputs: TaskInputs):
@@ -43,12 +44,18 @@ def build_task(inputs: TaskInputs):
         tokens, mask, labels = draw(source, seed=seed, step=step)
         return {"tokens": tokens, "padding_mask": mask, "labels": labels}
 
-    model = make_model(cfg, c, {"label_names": label_names})
+    facts = {"label_names": label_names}
+    if c.init_from and c.pooling == "first":
+        from transformer_jax.run.source import has_pooler
+
+        if has_pooler(c.init_from):  # BERT's pooler (dense + tanh on [CLS]) comes along
+            facts["pooler"] = True
+    model = make_model(cfg, c, facts)
     val = [make(val_source, c.seed + 1, i) for i in range(c.eval_batches)]
     task = Task(model, (np.zeros((1, t), np.int32),),
                 lambda step: make(train_source, c.seed, step), val,
                 tokens_per_batch=b * t, init_kwargs={"padding_mask": np.ones((1, t), bool)},
-                extra={"label_names": label_names},
+                extra=facts,
                 show=lambda params: accuracy(model, params, val, "tokens", "labels",
                                              "accuracy on the validation batches"))
     return task, cfg, tokenizer

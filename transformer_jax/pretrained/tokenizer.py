@@ -68,6 +68,21 @@ class HFTokenizer(Tokenizer):
         except Exception as e:  # the Rust side raises a bare Exception
             raise ValueError(f"{path!r} is not a valid Hugging Face tokenizer.json: {e}") from None
 
+    @classmethod
+    def from_saved(cls, directory: str) -> HFTokenizer:
+        """The tokenizer `save` wrote into `directory` (tokenizer.json + tokenizer_config.json):
+        the same ids, special tokens and maximum length."""
+        from tokenizers import Tokenizer as _HF
+
+        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+            text = f.read()
+        vocab = _HF.from_str(text)
+        specials = {n: vocab.token_to_id(config[f"{n}_token"]) for n in ("pad", "bos", "eos", "mask")
+                    if config.get(f"{n}_token") is not None}
+        return cls(text, max_length=int(config["model_max_length"]), special_ids=specials)
+
     @property
     def vocab_size(self) -> int:
         return self._hf.get_vocab_size(with_added_tokens=True)

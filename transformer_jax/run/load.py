@@ -9,8 +9,9 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from transformer_jax import checkpoint, tokenizers, training
+from transformer_jax import checkpoint, training
 from transformer_jax.config import ModelConfig
+from transformer_jax.run.source import HF, hf_architecture, hf_params, load_run_tokenizer, source_kind, stack_layers
 from transformer_jax.tokenizers import Tokenizer
 from transformer_jax.train_config import TrainConfig, read_run_config
 
@@ -55,7 +56,7 @@ def load_run(run_dir: str, *, step: int | None = None) -> LoadedRun:
     config = TrainConfig(**{k: v for k, v in record["train"].items()
                             if k in {f.name for f in dataclasses.fields(TrainConfig)}},
                          out_dir=run_dir)
-    tokenizer = tokenizers.load_tokenizer(run_dir)
+    tokenizer = load_run_tokenizer(run_dir)
     with checkpoint.Checkpointer(os.path.join(run_dir, "checkpoints")) as ckpt:
         chosen, params = _readable_params(ckpt, step, run_dir)
         params = jax.tree.map(jax.numpy.asarray, params)
@@ -84,19 +85,37 @@ def _readable_params(ckpt: checkpoint.Checkpointer, step: int | None, run_dir: s
         f"earlier: {ckpt.set_aside()})")
 
 
-def load_source_model(source: str) -> tuple[ModelConfig, Tokenizer]:
-    """The architecture and tokenizer that `--init-from source` fixes for a fine-tuning run.
+def load_source_model(source: str, objective: str | None = None) -> tuple[ModelConfig, Tokenizer]:
+    """The architecture and tokenizer that `--init-from source` fixes for a fine-tuning run:
+    a run directory's, or a Hugging Face directory's (config.json and tokenizer.json).
 
-    The one place that reads an init-from source: a run directory today (extend here
-    for other sources, e.g. a Hugging Face checkpoint via `transformer_jax.from_pretrained`).
+    Raises ValueError for a directory that is neither, a Hugging Face directory without a
+    tokenizer.json, or (given `objective`) one whose model cannot serve the objective.
     """
+    if source_kind(source) == HF:
+        cfg, _, tokenizer, _ = hf_architecture(source, objective)
+        if tokenizer is None:
+            raise ValueError(f"--init-from {source!r}: the Hugging Face directory has no tokenizer.json, "
+                             f"and a fine-tuning run needs the model's own tokenizer")
+        return cfg, tokenizer
     record = read_run_config(source)
-    return ModelConfig.from_dict(record["model"]), tokenizers.load_tokenizer(source)
+    return ModelConfig.from_dict(record["model"]), load_run_tokenizer(source)
+
+
+def source_model_config(source: str) -> ModelConfig:
+    """The architecture `--init-from source` fixes (a run's or a Hugging Face directory's),
+    without its tokenizer or weights."""
+    if source_kind(source) == HF:
+        return hf_architecture(source)[0]
+    return ModelConfig.from_dict(read_run_config(source)["model"])
 
 
 def load_source_params(source: str) -> Any:
     """The parameters `--init-from source` starts from (host arrays): a run directory's
-    best, else newest, checkpoint. Extend together with `load_source_model`."""
+    best, else newest, checkpoint, or a Hugging Face directory's weights (float32, one
+    `layer_i` subtree per layer)."""
+    if source_kind(source) == HF:
+        return hf_params(source)
     with checkpoint.Checkpointer(os.path.join(source, "checkpoints")) as ckpt:
         return ckpt.restore_params()
 
@@ -107,8 +126,10 @@ def init_params_from(source: str, target: Any, say: Callable[[str], None] = prin
 
     Raises ValueError when no parameter matches.
     """
-    flat = {training.param_path(p): v
-            for p, v in jax.tree_util.tree_leaves_with_path(load_source_params(source))}
+    saved = load_source_params(source)
+    if any("/layers/" in f"/{training.param_path(p)}/" for p, _ in jax.tree_util.tree_leaves_with_path(target)):
+        saved = stack_layers(saved)  # the target scans its layers
+    flat = {training.param_path(p): v for p, v in jax.tree_util.tree_leaves_with_path(saved)}
     loaded, fresh = [], []
 
     def take(path, leaf):

@@ -160,7 +160,7 @@ def _report(record: dict, baseline: float | None, write) -> None:
     if "val_loss" in record:
         ppl = f" (ppl {record['val_ppl']:.2f})" if "val_ppl" in record else ""
         parts.append(f"val loss {record['val_loss']:.4f}{ppl}")
-        if baseline is not None:
+        if baseline:  # (a one-symbol corpus has entropy 0)
             parts.append(f"= {record['val_loss'] / baseline:.0%} of the unigram entropy")
     write(" | ".join(parts))
 

@@ -15,6 +15,7 @@ from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
 from transformer_jax.run.load import init_params_from, load_source_model
+from transformer_jax.run.source import load_run_tokenizer
 from transformer_jax.run.loop import StopSignal, train_loop
 from transformer_jax.run.steps import compile_run, make_run_mesh
 from transformer_jax.train_config import TrainConfig
@@ -51,9 +52,9 @@ def build_task(config: TrainConfig) -> tuple[Task, ModelConfig, Any]:
     """
     tokenizer, base_cfg = None, None
     if config.init_from:
-        base_cfg, tokenizer = load_source_model(config.init_from)
+        base_cfg, tokenizer = load_source_model(config.init_from, config.objective)
     if os.path.exists(os.path.join(config.out_dir, "config.json")) and not config.overwrite:
-        tokenizer = tokenizers.load_tokenizer(config.out_dir)
+        tokenizer = load_run_tokenizer(config.out_dir)
 
     def model_config(vocab_size: int) -> ModelConfig:
         overrides = config.model_overrides(vocab_size)
