@@ -38,7 +38,10 @@ with checkpoint.Checkpointer(sys.argv[1], max_to_keep=2) as ckpt:
     state = ckpt.restore(checkpoint.abstract_state(state_for(0)))
     start = 0 if state is None else int(state.step)
     print(f"resumed at {start}", flush=True)
-    for step in range(start + 1, 10**6):
+    ckpt.save(start + 1, state_for(start + 1))
+    ckpt.wait()  # one complete save per child, however slow the machine: the kill lands in later ones
+    print(f"saved {start + 1}", flush=True)
+    for step in range(start + 2, 10**6):
         ckpt.save(step, state_for(step))
 """
 
@@ -58,11 +61,12 @@ def test_kill_9_during_saves_in_a_loop_leaves_a_bit_identical_checkpoint(tmp_pat
         line = child.stdout.readline()  # the restore (verified against its checksums) is done
         assert line.startswith("resumed at "), line
         resumed.append(int(line.split()[-1]))
+        assert child.stdout.readline().startswith("saved "), "the first save of this child did not finish"
         time.sleep(rng.uniform(0.2, 1.5))  # somewhere in the middle of a save, or between two
         child.send_signal(signal.SIGKILL)
         child.wait(timeout=60)
         child.stdout.close()
-    assert resumed[0] == 0 and all(b >= a for a, b in zip(resumed, resumed[1:])), resumed
+    assert resumed[0] == 0 and all(b > a for a, b in zip(resumed, resumed[1:])), resumed
     with checkpoint.Checkpointer(directory) as ckpt:
         restored = ckpt.restore(checkpoint.abstract_state(state_for(0)))
         step = int(restored.step)
