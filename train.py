@@ -242,7 +242,7 @@ def sample_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=default_out_dir(TrainConfig()), help="the run (unless --model)")
     p.add_argument("--model", default=None,
                    help="a run directory or a Hugging Face directory (gpt2, llama, mistral, qwen2: "
-                        "config.json, model.safetensors, tokenizer.json); overrides --out-dir")
+                        "config.json, model.safetensors, tokenizer.json); default: the run in --out-dir")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample",
                    help="decoding strategy")
