@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from transformer_jax import run_dir
+
 RUN, HF = "run", "hugging face"
 
 # The from_pretrained model kinds whose weights each objective's model takes.
@@ -26,11 +28,7 @@ def source_kind(path: str) -> str:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise ValueError(f"{path!r} holds no run and no Hugging Face model: it has no config.json")
-    with open(file, encoding="utf-8") as f:
-        try:
-            record = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON ({e})") from None
+    record = run_dir.read_json(file, "the directory's config")
     if isinstance(record, dict) and isinstance(record.get("model"), dict):
         return RUN
     if isinstance(record, dict) and "model_type" in record:
