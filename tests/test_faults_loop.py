@@ -1,9 +1,12 @@
 """Fault injection into the run API (issue 12): `transformer_jax.train` keeps the rules of
-transformer_jax/run_dir.py, checkpoint.py and the loop. In-process, tiny preset, CPU; one
-short training (stopped by a SIGTERM) is shared by the tests that need a run, and every
+transformer_jax/run_dir.py, checkpoint.py and the loop. In-process, tiny preset, CPU, one
+compilation (a persistent cache of this module's own): a chain of short runs, each stopped by
+a SIGTERM at one phase of a step and resumed by the next, is checked against an
+uninterrupted run; the first of them is shared by the tests that need a run, and every
 other test stops before training. Slow CLI variants of these (kill -9 loops, a tmpfs
 disk, a missing peer) are left to the adversarial scripts of the issue.
 """
+import dataclasses
 import errno
 import json
 import os
@@ -26,10 +29,27 @@ WORDS = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "to", "it"]
 
 
 def _config(corpus, out_dir, **overrides):
+    # warmup and decay fixed (not derived from max_steps), so runs that stop and resume
+    # with other max_steps follow one schedule; dropout, so the rng must resume too
     fields = dict(preset="tiny", data=str(corpus), out_dir=str(out_dir), mesh="none", batch_size=4,
                   seq_len=16, max_steps=1000, eval_every=1000, eval_batches=2, log_every=1,
-                  checkpoint_every=1000, sample_tokens=0, compile_cache=False)
+                  checkpoint_every=1000, sample_tokens=0, warmup_steps=2, decay_steps=16,
+                  model={"dropout_rate": 0.1}, compile_cache=True)
     return TrainConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """Every train() jits fresh closures: a persistent cache (this module's own) turns the
+    repeated, identical compilations of its runs into disk reads."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes", "jax_enable_compilation_cache")
+    saved = {n: getattr(jax.config, n) for n in names}
+    for name, value in zip(names, (str(tmp_path_factory.mktemp("jax_cache")), 0, 0, True)):
+        jax.config.update(name, value)
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
 
 
 def _tree(root):
@@ -44,6 +64,10 @@ def _tree(root):
     return out
 
 
+def _records(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
@@ -51,24 +75,209 @@ def corpus(tmp_path_factory):
     return path
 
 
+# ------------------------------------------------------------------ 5: a stop signal at every phase
+
+# SIGTERM at each phase of a step, one run per phase, each resuming the one before, so one
+# chain of short runs (one compilation) covers them all: (phase, the step during which the
+# signal arrives, the resumable settings of that run, the step that must be saved). Every
+# stop step but the save phase's is one no periodic checkpoint covers.
+PHASES = [
+    ("logging", 3, dict(checkpoint_every=2), 3),
+    ("batch", 5, dict(checkpoint_every=2), 5),            # while the step's batch is built
+    ("train_step", 7, dict(checkpoint_every=2), 7),       # the step dispatched, still computing
+    ("evaluation", 9, dict(checkpoint_every=2, eval_every=3), 9),
+    ("checkpoint_save", 10, dict(checkpoint_every=2), 10),  # a periodic save in flight
+    ("between_steps", 11, dict(checkpoint_every=4, log_every=2), 12),  # step 11 done, 12 not begun
+    ("restore", 12, dict(checkpoint_every=4), 13),        # before the first step of the run
+]
+MAX_STEPS = 16
+
+
+def _sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # a real signal; its handler runs at the next bytecode
+
+
+def _sigterm_during(monkeypatch, phase, at):
+    """Deliver SIGTERM once, during `phase` of step `at` (steps counted from 1)."""
+    from transformer_jax.run import trainer
+
+    current = {"step": None}  # the step being run, as its batch is asked for
+    build_task, compile_run = trainer.build_task, trainer.compile_run
+
+    def wrapped_task(config):
+        task, cfg, tokenizer = build_task(config)
+        train_batch = task.train_batch
+
+        def batch(step):
+            current["step"] = step + 1
+            if phase == "batch" and step + 1 == at:
+                _sigterm()
+            return train_batch(step)
+
+        return dataclasses.replace(task, train_batch=batch), cfg, tokenizer
+
+    def wrapped_run(*args, **kwargs):
+        run = compile_run(*args, **kwargs)
+        train_step, eval_step = run.train_step, run.eval_step
+
+        def step(state, batch):
+            out = train_step(state, batch)  # dispatched asynchronously
+            if phase == "train_step" and current["step"] == at:
+                _sigterm()
+            return out
+
+        def evaluate(params, batch):
+            out = eval_step(params, batch)
+            if phase == "evaluation" and current["step"] == at:
+                _sigterm()
+            return out
+
+        return dataclasses.replace(run, train_step=step, eval_step=evaluate)
+
+    monkeypatch.setattr(trainer, "build_task", wrapped_task)
+    monkeypatch.setattr(trainer, "compile_run", wrapped_run)
+    if phase == "logging":
+        write = run_log.RunLog.write
+
+        def log(self, record):
+            if record["step"] == at:
+                _sigterm()
+            return write(self, record)
+
+        monkeypatch.setattr(run_log.RunLog, "write", log)
+    elif phase == "checkpoint_save":
+        save = checkpoint.Checkpointer.save
+
+        def saving(self, step, state, **kwargs):
+            started = save(self, step, state, **kwargs)  # the write goes on in the background
+            if step == at:
+                _sigterm()
+            return started
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", saving)
+    elif phase == "between_steps":
+        update = loop._NoBar.update
+
+        def after_step(self, n):  # the last call of a step that is neither logged nor saved
+            update(self, n)
+            if current["step"] == at:
+                _sigterm()
+
+        monkeypatch.setattr(loop._NoBar, "update", after_step)
+    elif phase == "restore":
+        restore = checkpoint.Checkpointer.restore
+
+        def restoring(self, *args, **kwargs):
+            state = restore(self, *args, **kwargs)
+            _sigterm()
+            return state
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "restore", restoring)
+
+
+def _record_params(monkeypatch, params):
+    """Keep the parameters after every step of a run in `params`, {step: NumPy tree}."""
+    from transformer_jax.run import trainer
+
+    compile_run = trainer.compile_run
+
+    def wrapped_run(*args, **kwargs):
+        run = compile_run(*args, **kwargs)
+
+        def step(state, batch):
+            state, metrics = run.train_step(state, batch)
+            params[len(params) + 1] = jax.device_get(state.params)  # a copy, before donation
+            return state, metrics
+
+        return dataclasses.replace(run, train_step=step)
+
+    monkeypatch.setattr(trainer, "compile_run", wrapped_run)
+
+
+def _params(out_dir, step):
+    """(the steps on disk, the parameters of `step` or None where it is not there)."""
+    with checkpoint.Checkpointer(str(out_dir / "checkpoints")) as ckpt:
+        steps = ckpt.all_steps()
+        return steps, jax.tree.map(np.asarray, ckpt.restore_params(step)) if step in steps else None
+
+
 @pytest.fixture(scope="module")
-def stopped_run(corpus, tmp_path_factory):
-    """A run that a SIGTERM stops while step 3 is logged (checkpoints every 2 steps, so only
-    the signal's own save can keep step 3): (out_dir, TrainResult, what it said)."""
-    out = tmp_path_factory.mktemp("stopped") / "run"
-    original, said = run_log.RunLog.write, []
+def phases(corpus, tmp_path_factory):
+    """The uninterrupted reference run, and the chain of runs each stopped by a SIGTERM at
+    one phase: {"reference": (out_dir, {step: params}), phase: what that run did}."""
+    root = tmp_path_factory.mktemp("phases")
+    reference, reference_params = root / "reference", {}
+    with pytest.MonkeyPatch.context() as m:
+        _record_params(m, reference_params)
+        train(_config(corpus, reference, max_steps=MAX_STEPS, eval_every=1))
+    out, results = root / "run", {"reference": (reference, reference_params)}
+    for phase, at, settings, _ in PHASES:
+        said = []
+        start = _records(out)[-1]["step"] if (out / "metrics.jsonl").exists() else 0
+        with pytest.MonkeyPatch.context() as m:
+            _sigterm_during(m, phase, at)
+            result = train(_config(corpus, out, max_steps=MAX_STEPS, **settings), say=said.append)
+        steps, params = _params(out, result.step)
+        results[phase] = dict(result=result, said=said, start=start, steps_on_disk=steps, params=params,
+                              records=[r for r in _records(out) if r["step"] > start],
+                              locked=(out / "run.lock").exists())
+        if phase == "logging":
+            shutil.copytree(out, root / "stopped")  # the tests of damaged runs start from here
+    results["finished"] = train(_config(corpus, out, max_steps=MAX_STEPS))
+    results["out"] = out
+    return results
 
-    def write(self, record):
-        if record["step"] == 3:
-            signal.raise_signal(signal.SIGTERM)  # arrives after the step, while it is logged
-        return original(self, record)
 
-    run_log.RunLog.write = write
-    try:
-        result = train(_config(corpus, out, checkpoint_every=2), say=said.append)
-    finally:
-        run_log.RunLog.write = original
-    return out, result, said
+def _same_metrics(got, want):
+    keys = ("train_loss", "grad_norm", "lr", "val_loss")
+    for g in got:
+        w = want[g["step"]]
+        assert {k: g[k] for k in keys if k in g} == {k: w[k] for k in keys if k in g}, g["step"]
+
+
+@pytest.mark.parametrize("phase, at, settings, saved", PHASES, ids=[p[0] for p in PHASES])
+def test_sigterm_at_each_phase_saves_the_step_says_so_and_resumes_exactly(phases, phase, at, settings,
+                                                                          saved):
+    got = phases[phase]
+    reference_dir, reference_params = phases["reference"]
+    assert got["result"].stopped_by == "SIGTERM" and got["result"].step == saved
+    # what it said is true: that step is on disk, readable, and holds the uninterrupted run's values
+    assert [s for s in got["said"] if "SIGTERM" in s] == [f"SIGTERM received: saved step {saved}, exiting"]
+    assert got["steps_on_disk"][-1] == saved
+    for key, want in jax.tree_util.tree_leaves_with_path(reference_params[saved]):
+        np.testing.assert_array_equal(_leaf(got["params"], key), want, err_msg=f"{phase}: {key}")
+    # nothing lost: every step since the resume was trained, the last one logged
+    logged = [r["step"] for r in got["records"]]
+    assert logged[-1] == saved and logged == sorted(set(logged)) and logged[0] <= got["start"] + 2
+    _same_metrics(got["records"], {r["step"]: r for r in _records(reference_dir)})
+    assert not got["locked"]  # the lock is released on the way out
+
+
+def _leaf(tree, key):
+    for path, value in jax.tree_util.tree_leaves_with_path(tree):
+        if path == key:
+            return value
+    raise KeyError(key)
+
+
+def test_the_chain_of_stopped_runs_ends_where_the_uninterrupted_run_does(phases):
+    reference_dir, reference_params = phases["reference"]
+    finished, out = phases["finished"], phases["out"]
+    assert finished.step == MAX_STEPS and finished.stopped_by is None
+    final = jax.device_get(finished.state.params)
+    for key, want in jax.tree_util.tree_leaves_with_path(reference_params[MAX_STEPS]):
+        np.testing.assert_array_equal(_leaf(final, key), want, err_msg=str(key))
+    records = _records(out)
+    # steps 1..16 once each (11 only went unlogged: log_every=2 in that run), none twice
+    assert [r["step"] for r in records] == [s for s in range(1, MAX_STEPS + 1) if s != 11]
+    _same_metrics(records, {r["step"]: r for r in _records(reference_dir)})
+
+
+@pytest.fixture(scope="module")
+def stopped_run(phases):
+    """The first run of the chain, stopped by a SIGTERM while step 3 was logged (checkpoints
+    every 2 steps, so only the signal's own save kept step 3): (out_dir, TrainResult, said)."""
+    return phases["out"].parent / "stopped", phases["logging"]["result"], phases["logging"]["said"]
 
 
 def _copy(stopped_run, tmp_path):
@@ -77,18 +286,12 @@ def _copy(stopped_run, tmp_path):
     return out
 
 
-# ------------------------------------------------------------------ 5: a stop signal
-
-
-def test_sigterm_while_logging_saves_that_step_and_says_so_truthfully(stopped_run):
+def test_the_stopped_run_holds_what_it_said(stopped_run):
     out, result, said = stopped_run
-    assert result.stopped_by == "SIGTERM" and result.step == 3
-    assert [s for s in said if "SIGTERM" in s] == ["SIGTERM received: saved step 3, exiting"]
     with checkpoint.Checkpointer(str(out / "checkpoints")) as ckpt:
-        assert ckpt.all_steps() == [2, 3]  # what it said is on disk
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3]
-    assert not (out / "run.lock").exists()  # the lock is released on exit
+        assert ckpt.all_steps() == [2, 3]
+    assert [r["step"] for r in _records(out)] == [1, 2, 3]
+    assert not (out / "run.lock").exists()
 
 
 class _Saver:
@@ -259,7 +462,8 @@ def test_the_cli_prints_a_full_disk_as_one_line(stopped_run, corpus, tmp_path):
     out = _copy(stopped_run, tmp_path)
     flags = ["--preset", "tiny", "--data", str(corpus), "--out-dir", str(out), "--mesh", "none",
              "--batch-size", "4", "--seq-len", "16", "--max-steps", "6", "--eval-every", "1000",
-             "--eval-batches", "2", "--log-every", "1", "--checkpoint-every", "2", "--sample-tokens", "0"]
+             "--eval-batches", "2", "--log-every", "1", "--checkpoint-every", "2", "--sample-tokens", "0", "--warmup-steps", "2",
+             "--decay-steps", "16", "--dropout", "0.1"]
     result = subprocess.run([sys.executable, "-c", DISK_FULL_AT_CONFIG, *flags], env=cpu_env(), cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-3000:]
