@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from processes import REPO, cpu_env, free_port
+from processes import REPO, cpu_env, free_port, run_together
 from transformer_jax import checkpoint
 
 # The state saved as step s is a pure function of s, so any restored step can be checked
@@ -102,3 +102,43 @@ def test_a_peer_that_never_starts_is_one_line_after_the_timeout(process_id):
                          f"address and process count, and that the address is reachable")
     assert not [line for line in lines if "Check failure" in line or "Traceback" in line], result.stderr
     assert 4 <= elapsed < 60
+
+
+# ------------------------------------------------------------------ a multi-process run on a locked directory
+
+HOLD_LOCK = """
+import sys
+from transformer_jax import run_dir
+with run_dir.RunLock(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_locked_out_dir_stops_every_process_of_a_multi_process_run(tmp_path):
+    """Process 0 cannot take run.lock (another writer holds it): both processes end with
+    the error, process 1 too, instead of waiting for process 0 forever."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(np.random.default_rng(0).choice(["ab", "cd", "ef"], size=500)) + "\n")
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out)], env=cpu_env(), cwd=REPO,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = (out / "run.lock").read_bytes()
+        argv = ["train.py", "--preset", "tiny", "--data", str(corpus), "--out-dir", str(out),
+                "--batch-size", "4", "--seq-len", "16", "--max-steps", "3", "--sample-tokens", "0",
+                "--no-compile-cache", "--coordinator-address", f"localhost:{free_port()}",
+                "--num-processes", "2", "--distributed-timeout", "60"]
+        codes, tails = run_together([[*argv, "--process-id", str(i)] for i in range(2)], tmp_path,
+                                    env=cpu_env(), timeout_s=150)
+        assert codes == [1, 1], "\n---\n".join(tails)
+        last = [[line for line in tail.splitlines() if line.strip()][-1] for tail in tails]
+        assert last[0].startswith(f"train.py: error: {str(out)!r} is in use by pid {holder.pid} on "), tails[0]
+        assert last[1] == (f"train.py: error: --out-dir {str(out)!r} could not be locked by process 0: "
+                           f"another run holds it (process 0 names the holder)"), tails[1]
+        assert not any("Traceback" in tail for tail in tails), "\n---\n".join(tails)
+        assert os.listdir(out) == ["run.lock"] and (out / "run.lock").read_bytes() == lock
+    finally:
+        holder.communicate("", timeout=60)

@@ -32,7 +32,7 @@ import shutil
 import socket
 import time
 import warnings
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -80,6 +80,58 @@ def open_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
     os.makedirs(out_dir, exist_ok=True)
     with RunLock(out_dir):
         yield prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
+
+
+@contextlib.contextmanager
+def open_run_dir_on_all_processes(out_dir: str | os.PathLike, *, overwrite: bool = False,
+                                  resume: bool = False, check: Callable[[RunDirStatus], None] | None = None
+                                  ) -> Iterator[RunDirStatus]:
+    """`open_run_dir` for a run of one or several processes (jax.distributed): process 0
+    opens and locks the directory, runs `check(status)` there under the lock (e.g. compares
+    the recorded config, raising ValueError), and its outcome reaches every process. Each
+    gets the RunDirStatus (`config` on process 0 only) or raises: process 0 its own error,
+    the others one saying process 0 failed (RunLockedError when another run holds the
+    lock), so none waits for a process that gave up.
+    """
+    import jax
+
+    with contextlib.ExitStack() as stack:
+        decision, error = 0, None
+        if jax.process_index() == 0:
+            try:
+                status = stack.enter_context(open_run_dir(out_dir, overwrite=overwrite, resume=resume))
+                if check is not None:
+                    check(status)
+                decision = int(status.resume)
+            except ValueError as e:
+                stack.close()
+                decision, error = (LOCKED if isinstance(e, RunLockedError) else REJECTED), e
+        decision = agree(decision, error, os.fspath(out_dir))
+        yield status if jax.process_index() == 0 else RunDirStatus(resume=decision == 1)
+
+
+# What process 0 broadcasts about a run directory: 1 resume, 0 start afresh, or a failure.
+REJECTED, LOCKED = -1, -2
+
+
+def agree(decision: int, error: ValueError | None, out_dir: str) -> int:
+    """Process 0's `decision` (1, 0, REJECTED or LOCKED) on every process of a multi-process
+    run (a collective: every process calls it); `error` (process 0's failure) is re-raised
+    there, and the other processes raise one naming process 0's failure."""
+    import jax
+
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+        decision = int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
+    if error is not None:
+        raise error
+    if decision == LOCKED:
+        raise RunLockedError(f"--out-dir {out_dir!r} could not be locked by process 0: another run "
+                             f"holds it (process 0 names the holder)")
+    if decision < 0:
+        raise RunDirError(f"--out-dir {out_dir!r} was rejected by process 0 (see its error)")
+    return decision
 
 
 def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,

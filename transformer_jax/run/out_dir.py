@@ -15,8 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 
-import numpy as np
-
 from transformer_jax import run_dir
 from transformer_jax.train_config import DERIVED_FROM_MAX_STEPS, RESUMABLE
 
@@ -53,47 +51,26 @@ def agree_on_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: boo
     """
     import jax
 
-    decision, error = 0, None  # 1: resume, 0: start fresh, -1: invalid
+    decision, error = 0, None  # 1: resume, 0: start fresh
     if jax.process_index() == 0:
         try:
             decision = int(validate_out_dir(out_dir, record, overwrite=overwrite, resume=resume))
         except ValueError as e:
-            decision, error = -1, e
-    return _agreed(decision, error, out_dir) == 1
+            decision, error = run_dir.REJECTED, e
+    return run_dir.agree(decision, error, out_dir) == 1
 
 
 def lock_out_dir(out_dir: str, *, overwrite: bool, resuming: bool) -> contextlib.ExitStack:
     """Process 0 takes the one-writer lock of `out_dir` (`run_dir.open_run_dir`, which
     re-checks the directory under it and, for a fresh --overwrite'n run, removes the
     package's own files, nothing else); the lock is released when the returned stack
-    exits. Its failure (e.g. run_dir.RunLockedError naming the holder) is broadcast, so
-    every process raises instead of waiting for process 0.
+    exits. Its failure is broadcast, so every process raises instead of waiting for
+    process 0 (run_dir.RunLockedError everywhere when another run holds the lock).
     """
-    import jax
-
-    stack, ok, error = contextlib.ExitStack(), 1, None
-    if jax.process_index() == 0:
-        try:
-            stack.enter_context(run_dir.open_run_dir(out_dir, overwrite=overwrite and not resuming,
-                                                     resume=resuming))
-        except ValueError as e:
-            ok, error = -1, e
-    _agreed(ok, error, out_dir)
+    stack = contextlib.ExitStack()
+    stack.enter_context(run_dir.open_run_dir_on_all_processes(
+        out_dir, overwrite=overwrite and not resuming, resume=resuming))
     return stack
-
-
-def _agreed(decision: int, error: ValueError | None, out_dir: str) -> int:
-    """Process 0's `decision` on every process (-1: it failed with `error`, re-raised there)."""
-    import jax
-
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        decision = int(multihost_utils.broadcast_one_to_all(np.int32(decision)))
-    if error is not None:
-        raise error
-    if decision < 0:
-        raise ValueError(f"--out-dir {out_dir!r} was rejected by process 0 (see its error)")
-    return decision
 
 
 def prepare_out_dir(out_dir: str, record: dict, tokenizer, *, resuming: bool) -> None:
