@@ -22,6 +22,7 @@ import pytest
 import train as train_cli
 from processes import REPO, cpu_env
 from transformer_jax import TrainConfig, checkpoint, load_run, run_dir, run_log, sharding, train
+from transformer_jax import stop_signal
 from transformer_jax.run import loop
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -295,7 +296,7 @@ def test_the_stopped_run_holds_what_it_said(stopped_run):
 
 
 class _Saver:
-    """A Checkpointer's save outcome as `loop._say_saved` sees it (latest step on disk, or
+    """A Checkpointer's save outcome as `stop_signal.say_saved` sees it (latest step on disk, or
     the error the pending save raises)."""
 
     def __init__(self, latest, error=None):
@@ -311,10 +312,10 @@ class _Saver:
 
 def test_a_stop_signal_says_saved_only_when_the_step_is_on_disk():
     said = []
-    loop._say_saved(_Saver(5), "SIGTERM", 5, said.append)
-    loop._say_saved(_Saver(3), "SIGINT", 5, said.append)
+    stop_signal.say_saved(_Saver(5), "SIGTERM", 5, said.append)
+    stop_signal.say_saved(_Saver(3), "SIGINT", 5, said.append)
     with pytest.raises(OSError, match="No space"):
-        loop._say_saved(_Saver(3, OSError(errno.ENOSPC, "No space left on device")), "SIGTERM", 5,
+        stop_signal.say_saved(_Saver(3, OSError(errno.ENOSPC, "No space left on device")), "SIGTERM", 5,
                         said.append)
     assert said == ["SIGTERM received: saved step 5, exiting",
                     "SIGINT received: could not save step 5; the latest checkpoint is step 3, exiting",

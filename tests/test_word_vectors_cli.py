@@ -28,3 +28,13 @@ def test_command_line_run_writes_vectors_txt(tmp_path, objective):
 def test_flags_of_the_other_kind_are_refused(argv, message):
     with pytest.raises(ValueError, match=message):
         train.main(argv)
+
+
+@pytest.mark.parametrize("flag", [[], ["--overwrite"]])
+def test_the_run_directory_rules_apply_from_the_command_line(tmp_path, flag):
+    (tmp_path / "notes.txt").write_text("mine\n")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(planted_corpus(2, 20))
+    with pytest.raises(ValueError, match="is not empty and holds no run"):  # --overwrite is taken, too
+        train.main(["--objective", "glove", "--data", str(corpus), "--out-dir", str(tmp_path), *flag])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "notes.txt"]

@@ -41,8 +41,12 @@ LOCK_FILE = "run.lock"
 # Everything the package writes into a run directory, in one place: `overwrite` removes
 # these and nothing else. (TensorBoard events come from run_log's SummaryWriter; the
 # *.tmp names are this module's atomic writes cut short.)
-RUN_FILES = (CONFIG_FILE, "tokenizer.json", METRICS_FILE, "loss.png", "sample.txt", LOCK_FILE)
-RUN_DIRS = (CHECKPOINT_DIR,)
+# vectors.txt, vocab.txt and encoded_corpus/ are a word-vector run's.
+RUN_FILES = (CONFIG_FILE, "tokenizer.json", METRICS_FILE, "loss.png", "sample.txt", LOCK_FILE,
+             "vectors.txt", "vocab.txt")
+RUN_DIRS = (CHECKPOINT_DIR, "encoded_corpus")
+# A word-vector run's config.json is its WordVectorConfig: these objectives and a dimension.
+WORD_VECTOR_OBJECTIVES = ("cbow", "skipgram", "glove")
 RUN_PATTERNS = ("events.out.tfevents.*", ".*.transformer_jax.tmp")
 
 
@@ -185,7 +189,8 @@ def prepare_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         config = read_json(config_path, "the run's config")
         if not ours:
             raise RunDirError(f"the run's config {config_path!r} is not a run configuration (a JSON "
-                              f"object with a \"model\" object): it was changed or replaced")
+                              f"object with a \"model\" object, or a word-vector run's): it was "
+                              f"changed or replaced")
         return RunDirStatus(resume=True, config=config)
     if entries and entries != [LOCK_FILE]:  # leftovers of ours, from a run that never wrote its config
         raise RunDirError(
@@ -216,13 +221,17 @@ def remove_run_files(out_dir: str | os.PathLike) -> list[str]:
 
 
 def _is_run_config(path: str) -> bool:
-    """Whether `path` parses as a run's config.json: a JSON object with a "model" object."""
+    """Whether `path` parses as a run's config.json: a JSON object with a "model" object (a
+    transformer run) or a word-vector run's objective and dimension."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return False
-    return isinstance(config, dict) and isinstance(config.get("model"), dict)
+    if not isinstance(config, dict):
+        return False
+    return isinstance(config.get("model"), dict) or (
+        config.get("objective") in WORD_VECTOR_OBJECTIVES and isinstance(config.get("dimension"), int))
 
 
 def _has_checkpoints(out_dir: str) -> bool:

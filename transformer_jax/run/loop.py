@@ -3,7 +3,6 @@ stopping on SIGTERM/SIGINT after a saved step."""
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -15,25 +14,8 @@ from transformer_jax import training
 from transformer_jax.objectives import Objective, Task
 from transformer_jax.run.steps import CompiledRun
 from transformer_jax.run_log import RunLog
+from transformer_jax.stop_signal import StopSignal, say_saved
 from transformer_jax.train_config import TrainConfig
-
-
-class StopSignal:
-    """Records SIGTERM/SIGINT so the loop can finish its step, save and return."""
-
-    def __init__(self):
-        self.received = None
-
-    def __enter__(self) -> StopSignal:
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
 
 
 class FiniteGuard:
@@ -124,7 +106,7 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             if last or stop.received or done % config.checkpoint_every == 0:
                 ckpt.save(done, state, val_loss=step_val)
             if stop.received:
-                _say_saved(ckpt, stop.received, done, say)
+                say_saved(ckpt, stop.received, done, say)
                 break
         if pending is not None:
             guard.check(*pending)
@@ -135,21 +117,6 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
     if guard.skipped:
         say(f"{guard.skipped} step(s) skipped for non-finite values")
     return state, val_loss
-
-
-def _say_saved(ckpt, signal_name: str, done: int, say: Callable[[str], None]) -> None:
-    """After a stop signal's save: "saved step N" only once it is on disk, else why not."""
-    try:
-        ckpt.wait()
-    except Exception as e:
-        say(f"{signal_name} received: could not save step {done} ({e}); the latest checkpoint "
-            f"is step {ckpt.latest_step()}, exiting")
-        raise
-    if ckpt.latest_step() == done:
-        say(f"{signal_name} received: saved step {done}, exiting")
-    else:
-        say(f"{signal_name} received: could not save step {done}; the latest checkpoint is step "
-            f"{ckpt.latest_step()}, exiting")
 
 
 def _report(record: dict, baseline: float | None, write) -> None:

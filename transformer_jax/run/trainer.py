@@ -16,8 +16,9 @@ from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
 from transformer_jax.run.load import init_params_from, load_source_model
 from transformer_jax.run.source import load_run_tokenizer
-from transformer_jax.run.loop import StopSignal, train_loop
+from transformer_jax.run.loop import train_loop
 from transformer_jax.run.steps import compile_run, make_run_mesh
+from transformer_jax.stop_signal import StopSignal
 from transformer_jax.train_config import TrainConfig
 
 

@@ -25,7 +25,8 @@ WORD_VECTOR_FLAGS = {  # flag dest -> WordVectorConfig field
 WORD_ONLY_FLAGS = {"dimension", "window", "negatives", "shared_negatives", "min_count", "sample", "epochs",
                    "x_max", "min_lr", "lowercase"}
 SHARED_FLAGS = {*WORD_VECTOR_FLAGS, "objective", "out_dir", "max_steps", "mesh", "coordinator_address",
-                "num_processes", "process_id", "compile_cache"}
+                "num_processes", "process_id", "distributed_timeout_s", "compile_cache", "overwrite",
+                "resume"}
 
 
 def set_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, names) -> list[str]:
@@ -73,11 +74,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     label = os.path.splitext(os.path.basename(os.path.normpath(config.data)))[0] or "data"
     out_dir = args.out_dir or os.path.join("runs", f"{args.objective}-{label}")
     if args.num_processes or args.coordinator_address:
-        sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id)
+        sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
+                                        timeout_s=args.distributed_timeout_s)
     mesh = None if args.mesh in (None, "none") else sharding.make_mesh(args.mesh)
-    vectors = train_word_vectors(config, out_dir, max_steps=args.max_steps, mesh=mesh)
-    print(f"{len(vectors.words)} word vectors of dimension {config.dimension}: "
-          f"{os.path.join(out_dir, 'vectors.txt')}")
+    # it says where the vectors went, or which step a stop signal or --max-steps saved
+    train_word_vectors(config, out_dir, max_steps=args.max_steps, mesh=mesh, overwrite=args.overwrite,
+                       resume=args.resume)
     return 0
 
 
