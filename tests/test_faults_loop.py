@@ -92,6 +92,7 @@ PHASES = [
     ("restore", 12, dict(checkpoint_every=4), 13),        # before the first step of the run
 ]
 MAX_STEPS = 16
+SAVE_FAILS_AT = 14  # after the chain: a stop whose save fails
 
 
 def _sigterm():
@@ -224,9 +225,35 @@ def phases(corpus, tmp_path_factory):
                               locked=(out / "run.lock").exists())
         if phase == "logging":
             shutil.copytree(out, root / "stopped")  # the tests of damaged runs start from here
+    # A stop whose save fails (a full disk): it must say so, and why, and what is on disk.
+    said = []
+    with pytest.MonkeyPatch.context() as m:
+        _sigterm_during(m, "logging", SAVE_FAILS_AT)
+
+        def no_space(self, step, state, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", self.directory)
+
+        m.setattr(checkpoint.Checkpointer, "save", no_space)
+        try:
+            train(_config(corpus, out, max_steps=MAX_STEPS, checkpoint_every=4), say=said.append)
+            error = None
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            error = e
+    results["save_fails"] = dict(said=said, error=error, steps_on_disk=_params(out, None)[0],
+                                 locked=(out / "run.lock").exists())
     results["finished"] = train(_config(corpus, out, max_steps=MAX_STEPS))
     results["out"] = out
     return results
+
+
+def test_a_stop_whose_save_fails_says_so_and_why(phases):
+    got = phases["save_fails"]
+    assert isinstance(got["error"], run_dir.DiskFullError), got["error"]
+    assert "\n" not in str(got["error"]) and "disk full" in str(got["error"])
+    assert [s for s in got["said"] if "SIGTERM" in s] == [
+        f"SIGTERM received: could not save step {SAVE_FAILS_AT} ([Errno 28] No space left on device: "
+        f"'{phases['out'] / 'checkpoints'}'); the latest checkpoint is step 13, exiting"]
+    assert got["steps_on_disk"][-1] == 13 and not got["locked"]
 
 
 def _same_metrics(got, want):

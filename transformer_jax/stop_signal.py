@@ -5,7 +5,12 @@ says truthfully what is on disk (shared by the transformer and the word-vector l
         for step in ...:
             ...                                  # train the step
             if stop.received or ...:
-                ckpt.save(done, state)
+                try:
+                    ckpt.save(done, state)
+                except Exception as e:
+                    if stop.received:
+                        say_not_saved(ckpt, stop.received, done, e, say)
+                    raise
             if stop.received:
                 say_saved(ckpt, stop.received, done, say)
                 break
@@ -50,11 +55,18 @@ def say_saved(ckpt, signal_name: str, step: int, say: Callable[[str], None]) -> 
     try:
         ckpt.wait()
     except Exception as e:
-        say(f"{signal_name} received: could not save step {step} ({e}); the latest checkpoint "
-            f"is step {ckpt.latest_step()}, exiting")
+        say_not_saved(ckpt, signal_name, step, e, say)
         raise
     if ckpt.latest_step() == step:
         say(f"{signal_name} received: saved step {step}, exiting")
     else:
         say(f"{signal_name} received: could not save step {step}; the latest checkpoint is step "
             f"{ckpt.latest_step()}, exiting")
+
+
+def say_not_saved(ckpt, signal_name: str, step: int, error: BaseException,
+                  say: Callable[[str], None]) -> None:
+    """A stop signal's save of `step` failed with `error` (the caller re-raises it): say so,
+    why, and which step is the latest on disk."""
+    say(f"{signal_name} received: could not save step {step} ({error}); the latest checkpoint "
+        f"is step {ckpt.latest_step()}, exiting")

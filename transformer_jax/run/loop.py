@@ -14,7 +14,7 @@ from transformer_jax import training
 from transformer_jax.objectives import Objective, Task
 from transformer_jax.run.steps import CompiledRun
 from transformer_jax.run_log import RunLog
-from transformer_jax.stop_signal import StopSignal, say_saved
+from transformer_jax.stop_signal import StopSignal, say_not_saved, say_saved
 from transformer_jax.train_config import TrainConfig
 
 
@@ -104,7 +104,12 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             _report(record, task.baseline, say if not bar.enabled else bar.write)
             # stop.received again: a signal that arrived during evaluation or logging
             if last or stop.received or done % config.checkpoint_every == 0:
-                ckpt.save(done, state, val_loss=step_val)
+                try:
+                    ckpt.save(done, state, val_loss=step_val)
+                except Exception as e:
+                    if stop.received:  # the stop's own save failed at once: say so before the error
+                        say_not_saved(ckpt, stop.received, done, e, say)
+                    raise
             if stop.received:
                 say_saved(ckpt, stop.received, done, say)
                 break

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from transformer_jax import checkpoint, run_dir
 from transformer_jax.run_log import RunLog
-from transformer_jax.stop_signal import StopSignal, say_saved
+from transformer_jax.stop_signal import StopSignal, say_not_saved, say_saved
 from transformer_jax.word_vectors import sharding as wv_sharding
 from transformer_jax.word_vectors.config import WordVectorConfig
 from transformer_jax.word_vectors.corpus import encode_corpus
@@ -116,7 +116,12 @@ def _train_locked(config: WordVectorConfig, out_dir: str, sentences, vocab, mesh
                 bar.update(1)
                 # stop.received read here, after logging: a signal during it still saves this step
                 if done % config.checkpoint_every == 0 or done == end or stop.received:
-                    ckpt.save(done, state)
+                    try:
+                        ckpt.save(done, state)
+                    except Exception as e:
+                        if stop.received:
+                            say_not_saved(ckpt, stop.received, done, e, say)
+                        raise
                 if stop.received:
                     break
             if stop.received and done > start:
