@@ -250,7 +250,7 @@ def test_damaged_checksum_manifest_is_corruption(tmp_path):
             _assert_same(ckpt.restore(checkpoint.abstract_state(_state(0))), _state(1))
 
 
-def test_shape_mismatch_is_a_configuration_error_that_renames_nothing(tmp_path):
+def test_shape_or_structure_mismatch_is_a_configuration_error_that_renames_nothing(tmp_path):
     _save_steps(tmp_path, {1: None, 2: None})
     before = sorted(os.listdir(tmp_path))
 
@@ -263,6 +263,19 @@ def test_shape_mismatch_is_a_configuration_error_that_renames_nothing(tmp_path):
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         with pytest.raises(checkpoint.CheckpointMismatchError,
                            match=r"step 2 .*\['body'\]\['kernel'\]: saved \(5, 4\) float32, expected \(5, 6\)"):
+            ckpt.restore(checkpoint.abstract_state(other))
+    assert sorted(os.listdir(tmp_path)) == before
+
+    class Deeper(nn.Module):  # a structure change: one layer more (e.g. another --num-layers)
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(4, name="extra")(nn.Dense(4, name="body")(x))
+            return nn.Dense(3, name="head")(nn.LayerNorm(name="norm")(x))
+
+    other = training.init_train_state(Deeper(), TX, (jnp.zeros((1, 5)),), seed=0)
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(checkpoint.CheckpointMismatchError,
+                           match=r"step 2 .*\['extra'\]\['bias'\]: not in the checkpoint"):
             ckpt.restore(checkpoint.abstract_state(other))
     assert sorted(os.listdir(tmp_path)) == before
 

@@ -5,7 +5,9 @@ resume or overwrite, one writer at a time, and reading its JSON files with clear
         ...  # status.resume: continue from status.config; else write a fresh run
 
 `open_run_dir` checks the directory before writing anything, takes the one-writer lock,
-then (under the lock) empties an overwritten run; the lock is released on exit.
+then (under the lock) empties an overwritten run; the lock is released on exit. A run of
+several processes calls `open_run_dir_on_all_processes` on every process instead: process 0
+does the above and its outcome (or failure) reaches the others.
 
 The rules:
 * A run never deletes or overwrites what it did not write. A new run goes into a
@@ -107,7 +109,7 @@ def open_run_dir_on_all_processes(out_dir: str | os.PathLike, *, overwrite: bool
                 if check is not None:
                     check(status)
                 decision = int(status.resume)
-            except ValueError as e:
+            except Exception as e:  # noqa: BLE001 - any failure (a full disk too) reaches every process
                 stack.close()
                 decision, error = (LOCKED if isinstance(e, RunLockedError) else REJECTED), e
         decision = agree(decision, error, os.fspath(out_dir))
@@ -118,7 +120,7 @@ def open_run_dir_on_all_processes(out_dir: str | os.PathLike, *, overwrite: bool
 REJECTED, LOCKED = -1, -2
 
 
-def agree(decision: int, error: ValueError | None, out_dir: str) -> int:
+def agree(decision: int, error: Exception | None, out_dir: str) -> int:
     """Process 0's `decision` (1, 0, REJECTED or LOCKED) on every process of a multi-process
     run (a collective: every process calls it); `error` (process 0's failure) is re-raised
     there, and the other processes raise one naming process 0's failure."""
