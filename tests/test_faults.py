@@ -3,6 +3,7 @@
 The other faults (flipped bytes, truncated files, a full disk, a mismatched model) are
 tested beside the code they concern: tests/test_checkpoint.py, test_run_dir.py.
 """
+import json
 import os
 import signal
 import subprocess
@@ -113,6 +114,28 @@ with run_dir.RunLock(sys.argv[1]):
     print("held", flush=True)
     sys.stdin.read()
 """
+
+
+def test_sigterm_on_one_process_of_a_multi_process_run_stops_both_after_one_saved_step(tmp_path):
+    """Only process 1 gets SIGTERM (at step 4's logging); a checkpoint save is collective, so
+    both processes must agree to save the same step and stop there (before, process 1 saved
+    alone while process 0 ran on, and both hung)."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(" ".join(np.random.default_rng(0).choice(["ab", "cd", "ef"], size=500)) + "\n")
+    out = tmp_path / "run"
+    argv = ["tests/signal_one_process.py", "4", "--preset", "tiny", "--data", str(corpus), "--out-dir", str(out),
+            "--batch-size", "4", "--seq-len", "16", "--max-steps", "40", "--log-every", "2",
+            "--eval-every", "40", "--checkpoint-every", "40", "--sample-tokens", "0", "--no-compile-cache",
+            "--coordinator-address", f"localhost:{free_port()}", "--num-processes", "2",
+            "--distributed-timeout", "60"]
+    codes, tails = run_together([[*argv, "--process-id", str(i)] for i in range(2)], tmp_path,
+                                env=cpu_env(), timeout_s=150)
+    assert codes == [0, 0], "\n---\n".join(tails)  # None: they hung
+    assert "SIGTERM received: saved step 4, exiting" in tails[0], tails[0]
+    with checkpoint.Checkpointer(out / "checkpoints") as ckpt:
+        assert ckpt.all_steps() == [4]
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [2, 4]
 
 
 def test_a_locked_out_dir_stops_every_process_of_a_multi_process_run(tmp_path):

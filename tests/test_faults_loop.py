@@ -248,7 +248,7 @@ def phases(corpus, tmp_path_factory):
 
 def test_a_stop_whose_save_fails_says_so_and_why(phases):
     got = phases["save_fails"]
-    assert isinstance(got["error"], run_dir.DiskFullError), got["error"]
+    assert isinstance(got["error"], run_dir.DiskFullError), (got["error"], got["said"])
     assert "\n" not in str(got["error"]) and "disk full" in str(got["error"])
     assert [s for s in got["said"] if "SIGTERM" in s] == [
         f"SIGTERM received: could not save step {SAVE_FAILS_AT} ([Errno 28] No space left on device: "

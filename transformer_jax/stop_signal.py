@@ -3,23 +3,35 @@ says truthfully what is on disk (shared by the transformer and the word-vector l
 
     with StopSignal() as stop:
         for step in ...:
-            ...                                  # train the step
-            if stop.received or ...:
+            ...                                  # train (and log) the step
+            stopping = stop.now(sync_point=...)  # the same steps on every process
+            if stopping or ...:
                 try:
                     ckpt.save(done, state)
                 except Exception as e:
-                    if stop.received:
-                        say_not_saved(ckpt, stop.received, done, e, say)
+                    if stopping:
+                        say_not_saved(ckpt, stopping, done, e, say)
                     raise
-            if stop.received:
-                say_saved(ckpt, stop.received, done, say)
+            if stopping:
+                say_saved(ckpt, stopping, done, say)
                 break
+
+On a multi-process run a signal reaches the processes at different steps (or only some of
+them), but a checkpoint save is collective: a process saving while another runs its next
+step would hang both. So there the processes agree, at sync points every process passes at
+the same step, and all stop after that step.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from typing import Callable
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+_SIGNALS = ("SIGTERM", "SIGINT")  # all-gathered as 1 + their index; 0: none
 
 
 class StopSignal:
@@ -28,7 +40,8 @@ class StopSignal:
     outside the main thread (Python delivers signals to the main thread only)."""
 
     def __init__(self):
-        self.received: str | None = None
+        self.received: str | None = None  # this process's signal, as it arrived
+        self.stopping: str | None = None  # the stop the loop acted on (every process agrees)
         self._old: dict = {}
 
     def __enter__(self) -> StopSignal:
@@ -38,6 +51,29 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+
+    def pending(self) -> str | None:
+        """A signal to act on before the next sync point: this process's on a one-process run
+        (a step that would not log can still stop at once); None on several processes,
+        which act only at sync points."""
+        return self.received if jax.process_count() == 1 else None
+
+    def now(self, sync_point: bool) -> str | None:
+        """The stop to act on after this step ("SIGTERM"/"SIGINT" or None), the same on every
+        process; also recorded as `stopping`.
+
+        One process: its signal, at any step. Several: None except at a `sync_point`, where
+        every process's signal is all-gathered (a collective: every process must call it at
+        the same steps) and any one signal stops them all.
+        """
+        if jax.process_count() == 1:
+            self.stopping = self.received
+        elif sync_point:
+            code = 0 if self.received is None else 1 + _SIGNALS.index(self.received)
+            codes = [int(c) for c in np.ravel(multihost_utils.process_allgather(np.int32(code))) if c]
+            if codes:
+                self.stopping = self.received or _SIGNALS[codes[0] - 1]
+        return self.stopping
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():

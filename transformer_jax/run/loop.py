@@ -73,7 +73,7 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             if pending is not None:  # one step behind, so the device stays busy
                 guard.check(*pending)
             pending = (done, metrics)
-            last = done == config.max_steps or stop.received
+            last = done == config.max_steps or stop.pending()
             if not (last or done % config.log_every == 0 or done % config.eval_every == 0
                     or done % config.checkpoint_every == 0):
                 bar.update(1)
@@ -102,16 +102,19 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             log.write(record)
             bar.update(1)
             _report(record, task.baseline, say if not bar.enabled else bar.write)
-            # stop.received again: a signal that arrived during evaluation or logging
-            if last or stop.received or done % config.checkpoint_every == 0:
+            # asked again here: a signal that arrived during evaluation or logging stops now.
+            # Every process reaches this line at the same steps (those that log, evaluate or save).
+            stopping = stop.now(sync_point=True)
+            if last or stopping or done % config.checkpoint_every == 0:
                 try:
                     ckpt.save(done, state, val_loss=step_val)
                 except Exception as e:
-                    if stop.received:  # the stop's own save failed at once: say so before the error
-                        say_not_saved(ckpt, stop.received, done, e, say)
+                    if stopping:  # the stop's own save failed at once: say so before the error
+                        say_not_saved(ckpt, stopping, done, e, say)
                     raise
-            if stop.received:
-                say_saved(ckpt, stop.received, done, say)
+                stopping = stop.now(sync_point=True)  # one during the save: this step is saved
+            if stopping:
+                say_saved(ckpt, stopping, done, say)
                 break
         if pending is not None:
             guard.check(*pending)

@@ -161,11 +161,11 @@ def _train_locked(resolved: TrainConfig, objective, task: Task, cfg: ModelConfig
                 flops = float(flops_per_token(cfg, resolved.seq_len))
             state, val_loss = train_loop(resolved, objective, task, flops, run, state, ckpt, stop, say,
                                          is_main)
-        result = TrainResult(resolved, int(state.step), val_loss, stopped_by=stop.received, state=state)
+        result = TrainResult(resolved, int(state.step), val_loss, stopped_by=stop.stopping, state=state)
         # Outside the mesh, on one device: generation under the mesh's sharding rules would
         # make XLA rematerialise every sharded weight. (Multi-process: params span hosts,
         # and generation here is single-process.)
-        if not stop.received and jax.process_count() == 1 and resolved.sample_tokens and task.show:
+        if not stop.stopping and jax.process_count() == 1 and resolved.sample_tokens and task.show:
             result.sample = task.show(jax.device_get(state.params))
             run_dir.write_atomic(os.path.join(resolved.out_dir, "sample.txt"), result.sample + "\n")
             say(("sample:\n" if "\n" in result.sample else "") + result.sample)

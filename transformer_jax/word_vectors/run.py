@@ -114,18 +114,21 @@ def _train_locked(config: WordVectorConfig, out_dir: str, sentences, vocab, mesh
                     log.write(record)
                     bar.set_postfix(loss=f"{record['train_loss']:.4f}", refresh=False)
                 bar.update(1)
-                # stop.received read here, after logging: a signal during it still saves this step
-                if done % config.checkpoint_every == 0 or done == end or stop.received:
+                # asked after logging: a signal during it still saves this step. The log
+                # steps are the sync points where several processes agree on a stop.
+                stopping = stop.now(sync_point=done % config.log_every == 0 or done == end)
+                if done % config.checkpoint_every == 0 or done == end or stopping:
                     try:
                         ckpt.save(done, state)
                     except Exception as e:
-                        if stop.received:
-                            say_not_saved(ckpt, stop.received, done, e, say)
+                        if stopping:
+                            say_not_saved(ckpt, stopping, done, e, say)
                         raise
-                if stop.received:
+                    stopping = stop.now(sync_point=True)  # one during the save: this step is saved
+                if stopping:
                     break
-            if stop.received and done > start:
-                say_saved(ckpt, stop.received, done, say)
+            if stop.stopping and done > start:
+                say_saved(ckpt, stop.stopping, done, say)
             ckpt.wait()
         finally:
             bar.close()
@@ -137,7 +140,7 @@ def _train_locked(config: WordVectorConfig, out_dir: str, sentences, vocab, mesh
             _write_vocab(os.path.join(out_dir, VOCAB_FILE), vocab.words, vocab.counts)
             say(f"{len(kv.words)} word vectors of dimension {config.dimension}: "
                 f"{os.path.join(out_dir, VECTORS_FILE)}")
-    elif not stop.received:
+    elif not stop.stopping:
         say(f"stopped at step {done} of {prepared.total_steps} (max_steps), saved: run again to continue")
     return kv
 
