@@ -1,7 +1,8 @@
 """Seconds and peak host memory to load a Hugging Face directory: transformer_jax's
 `from_pretrained` against transformers' `from_pretrained` (PyTorch, CPU), side by side.
 
-Each load runs in a fresh child process. Both libraries map the safetensors file and
+Each load runs in a fresh child process, the two libraries' runs interleaved; the table
+gives medians (seconds) and maxima (memory) over the repeats. Both libraries map the safetensors file and
 read weights lazily where they can, so the script times the load and then the first
 full read of every weight (a sum over all parameters), and reports memory twice: the
 growth of the peak resident set (VmHWM) over the resident set after the imports, after
@@ -82,13 +83,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, path, cls in models:
         size = weights_bytes(path)
+        runs = {"ours": [], "hf": []}
+        for _ in range(args.repeats):  # interleaved, so both see the same state of a shared machine
+            for which in runs:
+                runs[which].append(measure(which, path, cls))
         for which, label in (("ours", "transformer_jax"), ("hf", "transformers (torch)")):
-            runs = [measure(which, path, cls) for _ in range(args.repeats)]
-            median = lambda k: sorted(r[k] for r in runs)[len(runs) // 2]  # noqa: E731
-            loaded, added = max(r["loaded"] for r in runs), max(r["added"] for r in runs)
+            median = lambda k: sorted(r[k] for r in runs[which])[len(runs[which]) // 2]  # noqa: E731
+            loaded, added = max(r["loaded"] for r in runs[which]), max(r["added"] for r in runs[which])
             print(f"| {name} | {size / 2**20:.0f} | {label} | {median('seconds'):.2f} | {median('read'):.2f} | "
                   f"{loaded / 2**20:.0f} | {added / 2**20:.0f} | {added / size:.2f} |", flush=True)
-
 
 if __name__ == "__main__":
     main()
