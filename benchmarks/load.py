@@ -4,7 +4,8 @@
 Each load runs in a fresh child process, the two libraries' runs interleaved; the table
 gives medians (seconds) and maxima (memory) over the repeats. Both libraries map the safetensors file and
 read weights lazily where they can, so the script times the load and then the first
-full read of every weight (a sum over all parameters), and reports memory twice: the
+full read of every weight (a sum over each parameter: torch's, NumPy's on the CPU jax
+arrays' own buffers, since jnp.sum would add XLA's compilation of one reduction per shape), and reports memory twice: the
 growth of the peak resident set (VmHWM) over the resident set after the imports, after
 the load and after that read, against the size of the weights (the safetensors files). Run with an
 environment that has both libraries:
@@ -40,7 +41,8 @@ if which == "ours":
     pre = from_pretrained(path)
     jax.block_until_ready(pre.params)
     seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
-    total = sum(float(jax.numpy.sum(x)) for x in jax.tree.leaves(pre.params))
+    import numpy as np  # np.asarray of a CPU jax array is its buffer: a NumPy sum reads it without
+    total = sum(float(np.asarray(x).sum()) for x in jax.tree.leaves(pre.params))  # compiling per shape
 else:
     import torch, transformers
     torch.set_num_threads(os.cpu_count())
