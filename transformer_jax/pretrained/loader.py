@@ -28,8 +28,8 @@ from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
 from transformer_jax.pretrained.safetensors_io import (
-    ALIGNMENT, FLOAT_DTYPES, SINGLE_FILE, TensorInfo, TensorSource, host_empty, read_into, read_tensor,
-    write_file)
+    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size, read_into,
+    read_tensor, write_checkpoint)
 from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
 
@@ -256,11 +256,19 @@ def family_for(model: nn.Module):
 
 def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
                     tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None,
-                    token_ids: dict[str, int] | None = None) -> str:
+                    token_ids: dict[str, int] | None = None,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
     """Write `model` and `params` as a Hugging Face directory transformers can load.
 
-    Writes config.json and model.safetensors (float32, one tensor at a time, each file
-    atomically), tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
+    Writes config.json and the weights (float32, one tensor at a time): model.safetensors,
+    or where they exceed `max_shard_size` (bytes, or a string such as "2GB", "500MB";
+    default "50GB" as transformers) shards model-00001-of-0000N.safetensors with their
+    index model.safetensors.index.json, as transformers shards (a tensor larger than the
+    limit gets a shard of its own). Each file is written under a temporary name and the
+    weights are swapped in at the end (see `safetensors_io.write_checkpoint`): the
+    directory holds the previous weights or the new ones, never a mix; the previous
+    save's weight files the new one does not use are removed. Also writes
+    tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
     modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
     config.json as they are; the tokenizer's special ids fill the ones not given.
@@ -270,10 +278,11 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     EncoderDecoder -> marian. Returns `path`.
 
     Raises:
-      ValueError: a model option the family's format cannot hold (named), or params that
-        do not match the model.
+      ValueError: a model option the family's format cannot hold (named), params that
+        do not match the model, or a malformed `max_shard_size`.
     """
     path = os.fspath(path)
+    parse_size(max_shard_size)  # before anything is written
     family = family_for(model)
     kind = next(k for k, c in MODEL_CLASSES.items() if type(model) is c)
     cfg = model.cfg
@@ -291,7 +300,7 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     tensors = [(e.key, e.shape, np.float32,
                 lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
                for e in table]
-    write_file(os.path.join(path, SINGLE_FILE), tensors)
+    write_checkpoint(path, tensors, max_shard_size)
     hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),

@@ -26,6 +26,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 from typing import Callable, Iterable, NamedTuple
 
@@ -180,16 +181,25 @@ class TensorSource:
         return read_tensor(self.infos[name])
 
 
-def write_file(
-    file: str,
-    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-    metadata: dict[str, str] | None = None,
-) -> None:
+Tensors = Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's default
+_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20,
+          "KIB": 2**10, "B": 1}
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def write_file(file: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors `file` atomically, producing one tensor at a time.
 
     tensors: (name, shape, dtype, produce) with `produce()` returning that array; it is
     called once per tensor, while writing, so only one tensor is in host memory.
     """
+    tmp = _write_tmp(file, tensors, metadata)
+    os.replace(tmp, file)
+
+
+def _write_tmp(file: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
+    """Write the safetensors file `file` under a temporary name beside it; return that name."""
     tensors = list(tensors)
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -199,7 +209,9 @@ def write_file(
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    # Padded (with spaces, as the library pads to 8) so the data starts `ALIGNMENT`-aligned:
+    # tensors whose sizes are multiples of it then load without a copy (see `read_tensor`).
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
     tmp = f"{file}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -209,8 +221,103 @@ def write_file(
                 array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype).newbyteorder("<"))
                 if array.shape != tuple(shape):
                     raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
-                f.write(array.tobytes())
-        os.replace(tmp, file)
-    finally:
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+    return tmp
+
+
+def parse_size(max_shard_size: int | str) -> int:
+    """Bytes of `max_shard_size`: a positive int, or a string such as "2GB", "500MB" (powers
+    of 10, as Hugging Face reads them) or "1GiB" (powers of 2)."""
+    if isinstance(max_shard_size, (int, np.integer)) and not isinstance(max_shard_size, bool):
+        if max_shard_size > 0:
+            return int(max_shard_size)
+    elif isinstance(max_shard_size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]+)\s*", max_shard_size)
+        if match and match.group(2).upper() in _UNITS and float(match.group(1)) > 0:
+            return max(1, int(float(match.group(1)) * _UNITS[match.group(2).upper()]))
+    raise ValueError(f"max_shard_size={max_shard_size!r}: expected a positive int (bytes) or a size such "
+                     f"as '2GB', '500MB', '1GiB' (units {', '.join(_UNITS)})")
+
+
+def plan_shards(tensors: list, max_bytes: int) -> list[list]:
+    """Hugging Face's split, in order: a shard takes tensors while they fit in `max_bytes`;
+    a tensor larger than that gets a shard of its own."""
+    shards: list[list] = []
+    current: list = []
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t[1]) * np.dtype(t[2]).itemsize
+        if nbytes > max_bytes:
+            shards.append([t])
+            continue
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_checkpoint(directory: str, tensors: Tensors, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     metadata: dict[str, str] | None = None) -> list[str]:
+    """Write `tensors` into `directory` as `model.safetensors`, or, when they exceed
+    `max_shard_size`, as shards `model-00001-of-0000N.safetensors` with the index
+    `model.safetensors.index.json` ({"metadata": {"total_parameters", "total_size"},
+    "weight_map"}, sorted keys), the layout transformers writes. Returns the file names written.
+
+    Every file is written under a temporary name first; then the new weights are put in
+    place with the file a reader opens first last (the index, else model.safetensors),
+    and the previous save's weight files that the new one does not use are removed, so
+    the directory holds the old weights or the new ones, never a mix. (Where an old index
+    names shards with the new names, it is removed before they are replaced: a crash in
+    those few renames leaves no index, an error on loading, never a mix.)
+    """
+    tensors = list(tensors)
+    shards = plan_shards(tensors, parse_size(max_shard_size))
+    index_file, single_file = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
+    old = _weight_files(directory)
+    staged: list[tuple[str, str]] = []  # (temporary name, final name)
+    try:
+        if len(shards) == 1:
+            staged.append((_write_tmp(single_file, shards[0], metadata), single_file))
+            names = [SINGLE_FILE]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            weight_map = {}
+            for name, shard in zip(names, shards):
+                final = os.path.join(directory, name)
+                staged.append((_write_tmp(final, shard, metadata), final))
+                weight_map.update((t[0], name) for t in shard)
+            metadata_ = {"total_parameters": sum(math.prod(t[1]) for t in tensors),
+                         "total_size": sum(math.prod(t[1]) * np.dtype(t[2]).itemsize for t in tensors)}
+            tmp = f"{index_file}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"metadata": metadata_, "weight_map": weight_map},
+                                   indent=2, sort_keys=True) + "\n")
+            staged.append((tmp, index_file))
+        if os.path.isfile(index_file) and set(names) & (old - {SINGLE_FILE, INDEX_FILE}):
+            os.remove(index_file)  # it names files about to be replaced
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if len(shards) == 1 and os.path.isfile(index_file):
+        os.remove(index_file)  # a stale index would be read before model.safetensors
+    for name in old - set(names) - {INDEX_FILE}:
+        os.remove(os.path.join(directory, name))
+    return names
+
+
+def _weight_files(directory: str) -> set[str]:
+    """The safetensors weight files of a previous save in `directory` (names only)."""
+    if not os.path.isdir(directory):
+        return set()
+    return {f for f in os.listdir(directory) if f in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.match(f)}
