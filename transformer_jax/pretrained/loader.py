@@ -179,7 +179,8 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     # save_pretrained, which compares against the model's own shapes), so the model is
     # traced for its shapes only when a mesh needs the logical axes for the shardings.
     scratch = _Scratch()
-    values = ((p, v) for e in table for p, v in zip(e.paths, _host_values(source.infos[names[e.key]], e, scratch)))
+    convert = lambda e: _host_values(source.infos[names[e.key]], e, scratch)  # noqa: E731
+    values = ((p, v) for e in table for p, v in zip(e.paths, convert(e)))
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
@@ -188,7 +189,7 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
         flat = {p: jax.device_put(v, shardings[p]) for p, v in values}
-    elif jax.default_backend() == "cpu" and os.environ.get("TJ_BATCHED", "1") == "1":
+    elif jax.default_backend() == "cpu":
         # The host arrays are the parameters (device_put aliases them): one call places all.
         paths, hosts = zip(*values)
         flat = dict(zip(paths, jax.device_put(list(hosts))))
