@@ -98,6 +98,8 @@ def test_save_pretrained_round_trip_is_bit_identical(name, tmp_path):
     # The safetensors library reads our file, and every tensor transformers wrote comes
     # back bit for bit (ours holds no buffers, and tied copies once).
     ours = load_file(os.path.join(tmp_path, "model.safetensors"))
+    with open(os.path.join(tmp_path, "model.safetensors"), "rb") as f:  # data 64-byte aligned: loads without copies
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
     theirs = {}
     for file in sorted(os.listdir(source)):
         if file.endswith(".safetensors"):
