@@ -217,9 +217,10 @@ def _host_values(info: TensorInfo, entry: Entry, scratch: _Scratch) -> tuple[np.
     A float32 tensor whose parameter has its bytes in the same order (same layout, or a
     reshape) is the memory map itself where the file places it `ALIGNMENT`-aligned (on CPU
     device_put aliases it: nothing is copied or read now), else it is read straight into
-    an aligned array. Any other tensor (a transpose, GPT-2's fused q/k/v, another dtype)
-    is read into the reused scratch buffer and converted into aligned arrays, so the pages
-    read never stay in memory beside the copy.
+    a page-aligned array of its own (`host_empty`). Any other tensor (a transpose, GPT-2's
+    fused q/k/v, another dtype) is read into the reused scratch buffer and converted into
+    such arrays. Plain reads go through the page cache, so no mapped page stays in the
+    process's memory beside the copy made of it.
     """
     mapped = read_tensor(info)  # a memory map: only the layout of the views is looked at here
     views = entry.load(mapped)
