@@ -2,12 +2,13 @@
 `from_pretrained` against transformers' `from_pretrained` (PyTorch, CPU), side by side.
 
 Each load runs in a fresh child process, the two libraries' runs interleaved; the table
-gives medians (seconds) and maxima (memory) over the repeats. Both libraries map the safetensors file and
-read weights lazily where they can, so the script times the load and then the first
-full read of every weight (a sum over each parameter: torch's, NumPy's on the CPU jax
-arrays' own buffers, since jnp.sum would add XLA's compilation of one reduction per shape), and reports memory twice: the
-growth of the peak resident set (VmHWM) over the resident set after the imports, after
-the load and after that read, against the size of the weights (the safetensors files).
+gives medians (seconds) and maxima (memory) over the repeats. Both libraries map the
+safetensors file and read weights lazily where they can, so the script times the load and
+then the first full read of every weight (a sum over each parameter: torch's, NumPy's on
+the CPU jax arrays' own buffers, since jnp.sum would add XLA's compilation of one reduction
+per shape), and reports memory twice: the growth of the peak resident set (VmHWM) over the
+resident set after the imports, after the load and after that read, against the size of
+the weights (the safetensors files).
 "load CPU s" is the process's user + system time during the load (steadier than seconds
 on a shared machine). Our load includes parsing tokenizer.json (its time alone is shown
 too); transformers' model load does not: its AutoTokenizer time is shown beside it. Run
