@@ -238,11 +238,13 @@ def sample_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="train.py sample", formatter_class=HelpFormatter,
                                 description="Generate text from a trained clm run or a Hugging Face "
-                                            "causal LM directory.")
+                                            "causal LM directory, or translate with a Hugging Face "
+                                            "Marian directory.")
     p.add_argument("--out-dir", default=default_out_dir(TrainConfig()), help="the run (unless --model)")
     p.add_argument("--model", default=None,
-                   help="a run directory or a Hugging Face directory (gpt2, llama, mistral, qwen2: "
-                        "config.json, model.safetensors, tokenizer.json); default: the run in --out-dir")
+                   help="a run directory or a Hugging Face directory (gpt2, llama, mistral, qwen2, or marian, "
+                        "which translates the prompt: config.json, model.safetensors, tokenizer.json); "
+                        "default: the run in --out-dir")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
     p.add_argument("--strategy", choices=("greedy", "sample", "beam"), default="sample",
                    help="decoding strategy")
@@ -261,15 +263,24 @@ def sample_parser() -> argparse.ArgumentParser:
 
 def run_sample(args: argparse.Namespace) -> int:
     """`train.py sample`: the prompt, then what the run's best (else latest) checkpoint
-    writes after it, in sliding windows beyond the model's context."""
+    writes after it, in sliding windows beyond the model's context. A translation model
+    (a Hugging Face Marian directory) prints its translation of the prompt instead."""
     from transformer_jax.generation import generate_text
     from transformer_jax.run.source import load_generator
 
-    model, params, tokenizer = load_generator(args.model or args.out_dir)
-    print(args.prompt + generate_text(
-        model, params, tokenizer, args.prompt, args.max_new_tokens, seed=args.seed,
-        strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-        num_beams=args.num_beams))
+    model, params, tokenizer, options = load_generator(args.model or args.out_dir)
+    decoding = dict(strategy=args.strategy, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    num_beams=args.num_beams)
+    if options:  # an encoder-decoder: the prompt is the source, encoded as the model saw its sources
+        from transformer_jax import generate
+
+        source = tokenizer.encode_batch([args.prompt])[0]
+        out = generate(model, params, [source.tolist()], max_new_tokens=args.max_new_tokens, rng=args.seed,
+                       **decoding, **options)
+        print(tokenizer.decode(out.tokens[0, : int(out.lengths[0])]))
+        return 0
+    print(args.prompt + generate_text(model, params, tokenizer, args.prompt, args.max_new_tokens,
+                                      seed=args.seed, **decoding))
     return 0
 
 

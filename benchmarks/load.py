@@ -1,12 +1,18 @@
 """Seconds and peak host memory to load a Hugging Face directory: transformer_jax's
 `from_pretrained` against transformers' `from_pretrained` (PyTorch, CPU), side by side.
 
-Each load runs in a fresh child process. Both libraries map the safetensors file and
-read weights lazily where they can, so the script times the load and then the first
-full read of every weight (a sum over all parameters), and reports memory twice: the
-growth of the peak resident set (VmHWM) over the resident set after the imports, after
-the load and after that read, against the size of the weights (the safetensors files). Run with an
-environment that has both libraries:
+Each load runs in a fresh child process, the two libraries' runs interleaved; the table
+gives medians (seconds) and maxima (memory) over the repeats. Both libraries map the
+safetensors file and read weights lazily where they can, so the script times the load and
+then the first full read of every weight (a sum over each parameter: torch's, NumPy's on
+the CPU jax arrays' own buffers, since jnp.sum would add XLA's compilation of one reduction
+per shape), and reports memory twice: the growth of the peak resident set (VmHWM) over the
+resident set after the imports, after the load and after that read, against the size of
+the weights (the safetensors files).
+"load CPU s" is the process's user + system time during the load (steadier than seconds
+on a shared machine). Our load includes parsing tokenizer.json (its time alone is shown
+too); transformers' model load does not: its AutoTokenizer time is shown beside it. Run
+with an environment that has both libraries:
 
     /work/venv-peers/bin/python benchmarks/load.py [--repeats 3] [--gpt2-medium-dir DIR]
 
@@ -35,22 +41,30 @@ if which == "ours":
     import jax
     from transformer_jax.pretrained import from_pretrained
     jax.numpy.zeros(1).block_until_ready()  # start the runtime before measuring
-    base = status("VmRSS"); start = time.perf_counter()
+    base = status("VmRSS"); start = time.perf_counter(); cpu = sum(os.times()[:2])
     pre = from_pretrained(path)
     jax.block_until_ready(pre.params)
-    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
-    total = sum(float(jax.numpy.sum(x)) for x in jax.tree.leaves(pre.params))
+    seconds = time.perf_counter() - start; cpu = sum(os.times()[:2]) - cpu; loaded = status("VmHWM") - base
+    import numpy as np  # np.asarray of a CPU jax array is its buffer: a NumPy sum reads it without
+    total = sum(float(np.asarray(x).sum()) for x in jax.tree.leaves(pre.params))  # compiling per shape
+    read = time.perf_counter() - start; added = status("VmHWM") - base
+    from transformer_jax.pretrained.tokenizer import HFTokenizer  # part of the load: timed again alone
+    t = time.perf_counter(); HFTokenizer.from_directory(path, pre.hf_config, 512); tokenizer = time.perf_counter() - t
 else:
     import torch, transformers
     torch.set_num_threads(os.cpu_count())
     model_cls = getattr(transformers, cls)
-    base = status("VmRSS"); start = time.perf_counter()
+    base = status("VmRSS"); start = time.perf_counter(); cpu = sum(os.times()[:2])
     model = model_cls.from_pretrained(path)
-    seconds = time.perf_counter() - start; loaded = status("VmHWM") - base
+    seconds = time.perf_counter() - start; cpu = sum(os.times()[:2]) - cpu; loaded = status("VmHWM") - base
     with torch.no_grad():
         total = sum(float(p.sum()) for p in model.parameters())
-read = time.perf_counter() - start
-print(json.dumps(dict(seconds=seconds, read=read, loaded=loaded, added=status("VmHWM") - base)))
+    read = time.perf_counter() - start; added = status("VmHWM") - base
+    t = time.perf_counter()  # not part of the model's load: timed after it
+    if os.path.isfile(os.path.join(path, "tokenizer.json")):
+        transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = time.perf_counter() - t
+print(json.dumps(dict(seconds=seconds, cpu=cpu, read=read, tokenizer=tokenizer, loaded=loaded, added=added)))
 """
 
 
@@ -77,18 +91,22 @@ def main() -> None:
                         "--gpt2-medium", args.gpt2_medium_dir], check=True)
     models = [("all-MiniLM-L6-v2", minilm_path(), "BertModel"),
               ("gpt2-medium (random)", args.gpt2_medium_dir, "GPT2LMHeadModel")]
-    print("| model | weights MB | loader | load s | load + read all s | peak MB after load | "
-          "after read | after read / weights |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | weights MB | loader | load s | load CPU s | load + read all s | tokenizer.json s | "
+          "peak MB after load | after read | after read / weights |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, path, cls in models:
         size = weights_bytes(path)
+        runs = {"ours": [], "hf": []}
+        for _ in range(args.repeats):  # interleaved, so both see the same state of a shared machine
+            for which in runs:
+                runs[which].append(measure(which, path, cls))
         for which, label in (("ours", "transformer_jax"), ("hf", "transformers (torch)")):
-            runs = [measure(which, path, cls) for _ in range(args.repeats)]
-            median = lambda k: sorted(r[k] for r in runs)[len(runs) // 2]  # noqa: E731
-            loaded, added = max(r["loaded"] for r in runs), max(r["added"] for r in runs)
-            print(f"| {name} | {size / 2**20:.0f} | {label} | {median('seconds'):.2f} | {median('read'):.2f} | "
-                  f"{loaded / 2**20:.0f} | {added / 2**20:.0f} | {added / size:.2f} |", flush=True)
-
+            median = lambda k: sorted(r[k] for r in runs[which])[len(runs[which]) // 2]  # noqa: E731
+            loaded, added = max(r["loaded"] for r in runs[which]), max(r["added"] for r in runs[which])
+            tokenizer = f"{median('tokenizer'):.2f}" + (" (in load)" if which == "ours" else " (not in load)")
+            print(f"| {name} | {size / 2**20:.0f} | {label} | {median('seconds'):.2f} | {median('cpu'):.2f} | "
+                  f"{median('read'):.2f} | {tokenizer} | {loaded / 2**20:.0f} | {added / 2**20:.0f} | "
+                  f"{added / size:.2f} |", flush=True)
 
 if __name__ == "__main__":
     main()

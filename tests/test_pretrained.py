@@ -98,6 +98,8 @@ def test_save_pretrained_round_trip_is_bit_identical(name, tmp_path):
     # The safetensors library reads our file, and every tensor transformers wrote comes
     # back bit for bit (ours holds no buffers, and tied copies once).
     ours = load_file(os.path.join(tmp_path, "model.safetensors"))
+    with open(os.path.join(tmp_path, "model.safetensors"), "rb") as f:  # data 64-byte aligned: loads without copies
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
     theirs = {}
     for file in sorted(os.listdir(source)):
         if file.endswith(".safetensors"):
@@ -264,3 +266,73 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     rounded = jax.tree.map(lambda x: np.asarray(x).astype(ml_dtypes.bfloat16).astype(np.float32),
                            reference.params)
     jax.tree.map(np.testing.assert_array_equal, pre.params, rounded)
+
+
+# ---------------------------------------------------------------- sharded saves
+
+
+def test_max_shard_size_is_parsed_like_transformers():
+    from transformer_jax.pretrained.safetensors_io import parse_size
+
+    assert [parse_size(s) for s in (100, "2GB", "500MB", "5KB", "1GiB", "1.5MB")] == [
+        100, 2 * 10**9, 500 * 10**6, 5000, 2**30, 1_500_000]
+    for bad in (0, -1, True, "2XB", "GB", "0MB", None):
+        with pytest.raises(ValueError, match="max_shard_size"):
+            parse_size(bad)
+
+
+def test_sharded_save_has_transformers_layout_and_round_trips(tmp_path):
+    """llama's fixture was sharded by transformers: our shards of it follow the same index
+    format, every tensor lies where the index says, and loading gives the same bits."""
+    source = os.path.join(FIXTURES, "llama")
+    pre = from_pretrained(source)
+    with open(os.path.join(source, "model.safetensors.index.json")) as f:
+        theirs = json.load(f)
+    out = str(tmp_path / "out")
+    save_pretrained(out, pre.model, pre.params, max_shard_size=20_000)
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        index = json.load(f)
+    assert set(index) == set(theirs) and set(index["metadata"]) == set(theirs["metadata"])
+    assert index["metadata"] == theirs["metadata"]  # same tensors, float32
+    assert set(index["weight_map"]) == set(theirs["weight_map"])
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert n >= 3 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert "model.safetensors" not in os.listdir(out)
+    total = 0
+    for file in files:
+        tensors = load_file(os.path.join(out, file))
+        assert {k for k, v in index["weight_map"].items() if v == file} == set(tensors)
+        size = sum(v.nbytes for v in tensors.values())
+        assert size <= 20_000 or len(tensors) == 1
+        total += size
+    assert total == index["metadata"]["total_size"]
+    again = from_pretrained(out)
+    jax.tree.map(np.testing.assert_array_equal, again.params, pre.params)
+    # Saving unsharded over it leaves one consistent checkpoint: no stale index or shard.
+    save_pretrained(out, pre.model, pre.params)
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == ["model.safetensors"]
+    save_pretrained(out, pre.model, pre.params, max_shard_size="20KB")
+    assert sorted(f for f in os.listdir(out) if "safetensors" in f) == [*files, "model.safetensors.index.json"]
+    with pytest.raises(ValueError, match="max_shard_size"):
+        save_pretrained(out, pre.model, pre.params, max_shard_size="big")
+
+
+def test_a_failed_sharded_save_leaves_the_previous_one(tmp_path):
+    from transformer_jax.pretrained.safetensors_io import write_checkpoint
+
+    pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
+    out = str(tmp_path)
+    save_pretrained(out, pre.model, pre.params, max_shard_size=30_000)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    calls = []
+
+    def produce():
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return np.zeros((1000,), np.float32)
+
+    with pytest.raises(OSError, match="disk full"):
+        write_checkpoint(out, [(f"t{i}", (1000,), np.float32, produce) for i in range(6)], 8000)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before

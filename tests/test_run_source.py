@@ -112,6 +112,37 @@ def test_sample_model_gives_the_fixture_greedy_tokens(tmp_path):
         assert buf.getvalue() == text_of(prompt) + text_of(greedy) + "\n"
 
 
+def test_sample_model_translates_with_the_marian_fixture(tmp_path):
+    """The prompt is the source; decoding starts at config.json's decoder_start_token_id
+    (starting at another id, e.g. the eos id, gives other tokens): the fixture's greedy tokens."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    model_dir = str(tmp_path / "marian")
+    shutil.copytree(os.path.join(FIXTURES, "marian"), model_dir)
+    vocab = {"</s>": 0, **{chr(32 + i): i for i in range(1, 95)}, "<pad>": 95}  # config: eos 0, pad 95
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    g = np.load(os.path.join(FIXTURES, "marian", "golden.npz"))
+    source, greedy = g["tokens"][0], g["greedy"][0]
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        train.main(["sample", "--model", model_dir, "--prompt", text_of(source), "--strategy", "greedy",
+                    "--max-new-tokens", str(len(greedy))])
+    assert buf.getvalue() == text_of(greedy) + "\n"
+
+
+def test_marian_generation_options_follow_its_config():
+    from transformer_jax.pretrained.marian import generation_options
+
+    with open(os.path.join(FIXTURES, "marian", "config.json")) as f:
+        hf = json.load(f)
+    assert generation_options(hf) == {"bos_id": 95, "pad_id": 95, "eos_id": 0, "suppress_ids": (95,)}
+    opus = {**hf, "decoder_start_token_id": None, "bad_words_ids": [[95], [7], [3, 4]], "eos_token_id": [2]}
+    assert generation_options(opus) == {"bos_id": 95, "pad_id": 95, "eos_id": 2, "suppress_ids": (7, 95)}
+
+
 def test_classify_from_bert_keeps_the_encoder_and_pooler(tmp_path):
     model_dir = with_tokenizer("bert_classifier", tmp_path)
     rows = [f"{i % 2}\t{'good fun' if i % 2 else 'bad dull'} {i}" for i in range(40)]
@@ -160,7 +191,7 @@ def test_source_kind_and_errors(tmp_path):
     shutil.copytree(os.path.join(FIXTURES, "gpt2"), no_tok)
     with pytest.raises(ValueError, match="no tokenizer.json"):
         train.main(["--init-from", no_tok, "--out-dir", str(tmp_path / "y"), "--max-steps", "1"])
-    with pytest.raises(ValueError, match="sample needs a causal LM"):
+    with pytest.raises(ValueError, match="sample needs a causal LM or a translation model"):
         train.main(["sample", "--model", os.path.join(FIXTURES, "bert")])
 
 

@@ -2,11 +2,13 @@
 
 Loading checks everything it can before reading any weight (config options, every
 checkpoint key known, every parameter filled, every shape right: headers only), then
-takes one tensor at a time (a memory map of its bytes), converts it where our layout
-differs, and places it on the device (or, given a mesh, directly with its shardings from
-`transformer_jax.sharding`), so host memory holds at most one converted tensor beyond the
-placed parameters. On a CPU backend a float32 tensor needing no conversion stays a view
-of the file's pages (see `safetensors_io`). A failure raises before anything is returned.
+takes one tensor at a time, converts it where our layout differs, and places it on the
+device (or, given a mesh, directly with its shardings from `transformer_jax.sharding`),
+so host memory holds at most one converted tensor (and one reused read buffer) beyond
+the placed parameters. On a CPU backend the placed parameters are the host arrays
+themselves (device_put aliases aligned data): a float32 tensor stored as we store it at
+an aligned offset stays a view of the file's pages, read when first used (see
+`safetensors_io`). A failure raises before anything is returned.
 """
 from __future__ import annotations
 
@@ -25,7 +27,9 @@ from transformer_jax import models
 from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
-from transformer_jax.pretrained.safetensors_io import FLOAT_DTYPES, SINGLE_FILE, TensorSource, write_file
+from transformer_jax.pretrained.safetensors_io import (
+    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size, read_into,
+    read_tensor, write_checkpoint)
 from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
 
@@ -174,7 +178,9 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     # The tables fill every parameter with its shape (checked by the tests through
     # save_pretrained, which compares against the model's own shapes), so the model is
     # traced for its shapes only when a mesh needs the logical axes for the shardings.
-    place = jax.device_put
+    scratch = _Scratch()
+    convert = lambda e: _host_values(source.infos[names[e.key]], e, scratch)  # noqa: E731
+    values = ((p, v) for e in table for p, v in zip(e.paths, convert(e)))
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
@@ -182,16 +188,54 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
         _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
-        place = lambda value, p: jax.device_put(value, shardings[p])  # noqa: E731
-    flat = {}
-    for e in table:
-        tensor = source.read(names[e.key])
-        if tensor.dtype != np.float32:  # bf16/f16/f64 checkpoints: parameters are float32
-            tensor = tensor.astype(np.float32)
-        for p, value in zip(e.paths, e.load(tensor)):
-            flat[p] = place(value, p) if mesh is not None else place(value)
-        del tensor
+        flat = {p: jax.device_put(v, shardings[p]) for p, v in values}
+    elif jax.default_backend() == "cpu":
+        # The host arrays are the parameters (device_put aliases them): one call places all.
+        paths, hosts = zip(*values)
+        flat = dict(zip(paths, jax.device_put(list(hosts))))
+    else:  # an accelerator: each host array is freed once its copy is on the device
+        flat = {p: jax.device_put(v) for p, v in values}
     return traverse_util.unflatten_dict(flat)
+
+
+class _Scratch:
+    """One reused buffer that tensors needing a conversion are read into (plain reads)."""
+
+    def __init__(self):
+        self._buffer = np.empty(0, np.uint8)
+
+    def read(self, info: TensorInfo) -> np.ndarray:
+        nbytes = info.end - info.begin
+        if self._buffer.size < nbytes:
+            self._buffer = host_empty((nbytes,), np.uint8)
+        return read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
+
+
+def _host_values(info: TensorInfo, entry: Entry, scratch: _Scratch) -> tuple[np.ndarray, ...]:
+    """The host arrays (float32, C-contiguous) of the parameters `entry` fills from `info`.
+
+    A float32 tensor whose parameter has its bytes in the same order (same layout, or a
+    reshape) is the memory map itself where the file places it `ALIGNMENT`-aligned (on CPU
+    device_put aliases it: nothing is copied or read now), else it is read straight into
+    a page-aligned array of its own (`host_empty`). Any other tensor (a transpose, GPT-2's
+    fused q/k/v, another dtype) is read into the reused scratch buffer and converted into
+    such arrays. Plain reads go through the page cache, so no mapped page stays in the
+    process's memory beside the copy made of it.
+    """
+    mapped = read_tensor(info)  # a memory map: only the layout of the views is looked at here
+    views = entry.load(mapped)
+    if (info.dtype == np.float32 and len(views) == 1 and views[0].flags.c_contiguous
+            and views[0].nbytes == mapped.nbytes and views[0].ctypes.data == mapped.ctypes.data):
+        if mapped.ctypes.data % ALIGNMENT == 0:
+            return views
+        return (read_into(info, host_empty(views[0].shape, np.float32)),)
+    del views, mapped
+    out = []
+    for view in entry.load(scratch.read(info)):
+        host = host_empty(view.shape, np.float32)
+        np.copyto(host, view, casting="same_kind")  # bf16/f16/f64 checkpoints: parameters are float32
+        out.append(host)
+    return tuple(out)
 
 
 def family_for(model: nn.Module):
@@ -214,11 +258,19 @@ def family_for(model: nn.Module):
 
 def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
                     tokenizer: HFTokenizer | None = None, *, pooling: Pooling | None = None,
-                    token_ids: dict[str, int] | None = None) -> str:
+                    token_ids: dict[str, int] | None = None,
+                    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> str:
     """Write `model` and `params` as a Hugging Face directory transformers can load.
 
-    Writes config.json and model.safetensors (float32, one tensor at a time, each file
-    atomically), tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
+    Writes config.json and the weights (float32, one tensor at a time): model.safetensors,
+    or where they exceed `max_shard_size` (bytes, or a string such as "2GB", "500MB";
+    default "50GB" as transformers) shards model-00001-of-0000N.safetensors with their
+    index model.safetensors.index.json, as transformers shards (a tensor larger than the
+    limit gets a shard of its own). Each file is written under a temporary name and the
+    weights are swapped in at the end (see `safetensors_io.write_checkpoint`): the
+    directory holds the previous weights or the new ones, never a mix; the previous
+    save's weight files the new one does not use are removed. Also writes
+    tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
     modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
     config.json as they are; the tokenizer's special ids fill the ones not given.
@@ -228,10 +280,11 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     EncoderDecoder -> marian. Returns `path`.
 
     Raises:
-      ValueError: a model option the family's format cannot hold (named), or params that
-        do not match the model.
+      ValueError: a model option the family's format cannot hold (named), params that
+        do not match the model, or a malformed `max_shard_size`.
     """
     path = os.fspath(path)
+    parse_size(max_shard_size)  # before anything is written
     family = family_for(model)
     kind = next(k for k, c in MODEL_CLASSES.items() if type(model) is c)
     cfg = model.cfg
@@ -249,7 +302,7 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     tensors = [(e.key, e.shape, np.float32,
                 lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
                for e in table]
-    write_file(os.path.join(path, SINGLE_FILE), tensors)
+    write_checkpoint(path, tensors, max_shard_size)
     hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),

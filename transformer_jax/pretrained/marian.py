@@ -100,3 +100,17 @@ def entries(cfg: ModelConfig, kind: str) -> list[Entry]:
     for i in range(cfg.decoder_layers):
         out += block_entries(f"model.decoder.layers.{i}", ("decoder", f"layer_{i}"), cfg, _NAMES, cross=True)
     return out
+
+
+def generation_options(hf: dict) -> dict:
+    """`generate`'s options to decode as transformers decodes a Marian model with config.json `hf`:
+    bos_id = decoder_start_token_id (else the pad id, Marian's start), eos_id, pad_id, and
+    suppress_ids = the pad id plus every single-token entry of `bad_words_ids` (the opus-mt
+    configs list [[pad_id]]; transformers never generates pad)."""
+    t = "marian"
+    pad = int(get(hf, "pad_token_id", t))
+    suppress = {pad} | {int(w[0]) for w in hf.get("bad_words_ids") or () if isinstance(w, list) and len(w) == 1}
+    eos = hf.get("eos_token_id")
+    return {"bos_id": int(get(hf, "decoder_start_token_id", t, pad)), "pad_id": pad,
+            "eos_id": None if eos is None else int(eos[0] if isinstance(eos, list) else eos),
+            "suppress_ids": tuple(sorted(suppress))}

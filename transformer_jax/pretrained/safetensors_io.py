@@ -3,23 +3,30 @@
 A file is: 8 bytes (little-endian u64) N, N bytes of JSON mapping each tensor name to
 `{"dtype", "shape", "data_offsets": [begin, end]}` (offsets into the data that follows;
 an optional "__metadata__" of strings), then the data. This module parses the header
-itself and gives each tensor as a read-only memory map of its own bytes (`np.memmap`):
-nothing is read until used, and a tensor stored as the model wants it is never copied
-in host memory. On a CPU backend `jax.device_put` of such a map aliases the file's pages
-(as transformers' own lazy loading does), so the file must not be truncated or rewritten
-in place while those parameters live (replacing it, as `write_file` does, is safe).
+itself and reads a tensor two ways:
+- `read_tensor`: a read-only memory map of its bytes (`np.memmap`), nothing read until
+  used. On a CPU backend `jax.device_put` aliases a host array whose data is
+  `ALIGNMENT`-aligned instead of copying it, so a float32 tensor stored as the model
+  wants it at such an offset becomes a parameter that *is* the file's pages (as
+  transformers' lazy loading does). The file must then not be truncated or rewritten in
+  place while those parameters live (replacing it, as `write_file` does, is safe).
+- `read_into`: plain reads into an array the caller owns (`host_empty` gives one that
+  device_put aliases). Used for every other tensor, so the pages read stay in the page
+  cache and never count in the process's memory beside the converted copy.
 The `safetensors` library is not used here (its NumPy side has no bfloat16, and its
 writer needs every tensor in memory at once); it is the reference the tests check these
 readers and writers against.
 
 A sharded checkpoint is a `model.safetensors.index.json` whose "weight_map" names the
-file of each tensor; `TensorSource` reads either layout.
+file of each tensor; `TensorSource` reads either layout, `write_checkpoint` writes either.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
+import re
 import struct
 from typing import Callable, Iterable, NamedTuple
 
@@ -29,6 +36,8 @@ import numpy as np
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the format's own limit
+ALIGNMENT = 64  # XLA's CPU client aliases host data aligned to 64 bytes (measured: 32 is copied)
+_HUGE_PAGE = 2 * 1024 * 1024
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -105,6 +114,42 @@ def read_tensor(info: TensorInfo) -> np.ndarray:
                      shape=info.shape)
 
 
+def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array in its own anonymous memory map: page-aligned
+    (so `jax.device_put` on CPU aliases it), and asking the kernel for huge pages where
+    it is large (a fresh array is written once, and faulting it in 4 KiB pages costs as
+    much as the copy). Its memory is returned when the array is freed."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes == 0:
+        return np.empty(shape, dtype)
+    if not hasattr(mmap, "MAP_ANONYMOUS"):  # Windows: an aligned slice of a NumPy array
+        raw = np.empty(nbytes + ALIGNMENT, np.uint8)
+        start = -raw.ctypes.data % ALIGNMENT
+        return raw[start:start + nbytes].view(dtype).reshape(shape)
+    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if nbytes >= _HUGE_PAGE and hasattr(mmap, "MADV_HUGEPAGE"):
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buffer, dtype).reshape(shape)
+
+
+def read_into(info: TensorInfo, out: np.ndarray) -> np.ndarray:
+    """Read the bytes of the tensor `info` into `out` (C-contiguous, of its byte size) with
+    plain reads, and return `out`. Raises ValueError when the file is cut short."""
+    flat = out.reshape(-1).view(np.uint8)
+    if flat.size != info.end - info.begin or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous array of {info.end - info.begin} bytes, got {out.nbytes}")
+    view, done = memoryview(flat), 0
+    with open(info.file, "rb", buffering=0) as f:
+        f.seek(info.begin)
+        while done < len(view):
+            n = f.readinto(view[done:])
+            if not n:
+                raise ValueError(f"{info.file!r} is truncated: a tensor at byte {info.begin} is cut short")
+            done += n
+    return out
+
+
 class TensorSource:
     """The tensors of a checkpoint directory: one `model.safetensors` or a sharded index.
 
@@ -140,16 +185,25 @@ class TensorSource:
         return read_tensor(self.infos[name])
 
 
-def write_file(
-    file: str,
-    tensors: Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]],
-    metadata: dict[str, str] | None = None,
-) -> None:
+Tensors = Iterable[tuple[str, tuple[int, ...], np.dtype, Callable[[], np.ndarray]]]
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers 5's default
+_UNITS = {"TB": 10**12, "GB": 10**9, "MB": 10**6, "KB": 10**3, "TIB": 2**40, "GIB": 2**30, "MIB": 2**20,
+          "KIB": 2**10, "B": 1}
+_SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors$")
+
+
+def write_file(file: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
     """Write a safetensors `file` atomically, producing one tensor at a time.
 
     tensors: (name, shape, dtype, produce) with `produce()` returning that array; it is
     called once per tensor, while writing, so only one tensor is in host memory.
     """
+    tmp = _write_tmp(file, tensors, metadata)
+    os.replace(tmp, file)
+
+
+def _write_tmp(file: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
+    """Write the safetensors file `file` under a temporary name beside it; return that name."""
     tensors = list(tensors)
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
@@ -159,7 +213,9 @@ def write_file(
                         "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library writes it
+    # Padded (with spaces, as the library pads to 8) so the data starts `ALIGNMENT`-aligned:
+    # tensors whose sizes are multiples of it then load without a copy (see `read_tensor`).
+    text += b" " * (-(8 + len(text)) % ALIGNMENT)
     tmp = f"{file}.tmp-{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -169,8 +225,103 @@ def write_file(
                 array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype).newbyteorder("<"))
                 if array.shape != tuple(shape):
                     raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
-                f.write(array.tobytes())
-        os.replace(tmp, file)
-    finally:
+                f.write(memoryview(array.reshape(-1).view(np.uint8)))
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
+        raise
+    return tmp
+
+
+def parse_size(max_shard_size: int | str) -> int:
+    """Bytes of `max_shard_size`: a positive int, or a string such as "2GB", "500MB" (powers
+    of 10, as Hugging Face reads them) or "1GiB" (powers of 2)."""
+    if isinstance(max_shard_size, (int, np.integer)) and not isinstance(max_shard_size, bool):
+        if max_shard_size > 0:
+            return int(max_shard_size)
+    elif isinstance(max_shard_size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([A-Za-z]+)\s*", max_shard_size)
+        if match and match.group(2).upper() in _UNITS and float(match.group(1)) > 0:
+            return max(1, int(float(match.group(1)) * _UNITS[match.group(2).upper()]))
+    raise ValueError(f"max_shard_size={max_shard_size!r}: expected a positive int (bytes) or a size such "
+                     f"as '2GB', '500MB', '1GiB' (units {', '.join(_UNITS)})")
+
+
+def plan_shards(tensors: list, max_bytes: int) -> list[list]:
+    """Hugging Face's split, in order: a shard takes tensors while they fit in `max_bytes`;
+    a tensor larger than that gets a shard of its own."""
+    shards: list[list] = []
+    current: list = []
+    size = 0
+    for t in tensors:
+        nbytes = math.prod(t[1]) * np.dtype(t[2]).itemsize
+        if nbytes > max_bytes:
+            shards.append([t])
+            continue
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(t)
+        size += nbytes
+    if current or not shards:
+        shards.append(current)
+    return shards
+
+
+def write_checkpoint(directory: str, tensors: Tensors, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     metadata: dict[str, str] | None = None) -> list[str]:
+    """Write `tensors` into `directory` as `model.safetensors`, or, when they exceed
+    `max_shard_size`, as shards `model-00001-of-0000N.safetensors` with the index
+    `model.safetensors.index.json` ({"metadata": {"total_parameters", "total_size"},
+    "weight_map"}, sorted keys), the layout transformers writes. Returns the file names written.
+
+    Every file is written under a temporary name first; then the new weights are put in
+    place with the file a reader opens first last (the index, else model.safetensors),
+    and the previous save's weight files that the new one does not use are removed, so
+    the directory holds the old weights or the new ones, never a mix. (Where an old index
+    names shards with the new names, it is removed before they are replaced: a crash in
+    those few renames leaves no index, an error on loading, never a mix.)
+    """
+    tensors = list(tensors)
+    shards = plan_shards(tensors, parse_size(max_shard_size))
+    index_file, single_file = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
+    old = _weight_files(directory)
+    staged: list[tuple[str, str]] = []  # (temporary name, final name)
+    try:
+        if len(shards) == 1:
+            staged.append((_write_tmp(single_file, shards[0], metadata), single_file))
+            names = [SINGLE_FILE]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+            weight_map = {}
+            for name, shard in zip(names, shards):
+                final = os.path.join(directory, name)
+                staged.append((_write_tmp(final, shard, metadata), final))
+                weight_map.update((t[0], name) for t in shard)
+            metadata_ = {"total_parameters": sum(math.prod(t[1]) for t in tensors),
+                         "total_size": sum(math.prod(t[1]) * np.dtype(t[2]).itemsize for t in tensors)}
+            tmp = f"{index_file}.tmp-{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(json.dumps({"metadata": metadata_, "weight_map": weight_map},
+                                   indent=2, sort_keys=True) + "\n")
+            staged.append((tmp, index_file))
+        if os.path.isfile(index_file) and set(names) & (old - {SINGLE_FILE, INDEX_FILE}):
+            os.remove(index_file)  # it names files about to be replaced
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    if len(shards) == 1 and os.path.isfile(index_file):
+        os.remove(index_file)  # a stale index would be read before model.safetensors
+    for name in old - set(names) - {INDEX_FILE}:
+        os.remove(os.path.join(directory, name))
+    return names
+
+
+def _weight_files(directory: str) -> set[str]:
+    """The safetensors weight files of a previous save in `directory` (names only)."""
+    if not os.path.isdir(directory):
+        return set()
+    return {f for f in os.listdir(directory) if f in (SINGLE_FILE, INDEX_FILE) or _SHARD_NAME.match(f)}

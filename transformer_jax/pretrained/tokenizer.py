@@ -36,12 +36,12 @@ class HFTokenizer(Tokenizer):
         from tokenizers import Tokenizer as _HF
 
         self._json = json_text
-        # Two copies: `encode` never truncates, `encode_batch` does (no shared state to toggle).
-        self._hf, self._hf_batch = _HF.from_str(json_text), _HF.from_str(json_text)
-        for hf in (self._hf, self._hf_batch):
-            hf.no_padding()  # a file may ask for fixed-width padding (MiniLM's does)
-            hf.no_truncation()
-        self._hf_batch.enable_truncation(max_length)
+        self._hf = _HF.from_str(json_text)
+        self._hf.no_padding()  # a file may ask for fixed-width padding (MiniLM's does)
+        self._hf.no_truncation()
+        # `encode_batch` truncates, `encode` never does: a second copy (no shared state to
+        # toggle), parsed on first use since parsing is much of a model's load time.
+        self._hf_batch = None
         self.max_length = int(max_length)
         ids = dict(special_ids or {})
         for name, aliases in _SPECIALS.items():
@@ -97,6 +97,13 @@ class HFTokenizer(Tokenizer):
         """One int32 id array per text, special tokens added, at most `max_length` ids."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a sequence of str")
+        if self._hf_batch is None:
+            from tokenizers import Tokenizer as _HF
+
+            batch = _HF.from_str(self._json)
+            batch.no_padding()
+            batch.enable_truncation(self.max_length)
+            self._hf_batch = batch
         return [np.asarray(e.ids, np.int32) for e in self._hf_batch.encode_batch(list(texts))]
 
     def _decode_ordinary(self, ids: np.ndarray) -> str:

@@ -111,10 +111,12 @@ def load_run_tokenizer(directory: str):
 
 
 def load_generator(path: str):
-    """(DecoderLM, params, tokenizer) to generate from: a clm run's best (else newest)
-    checkpoint, or a Hugging Face causal LM directory (its tokenizer carries its eos id).
+    """(model, params, tokenizer, options) to generate from: a clm run's best (else newest)
+    checkpoint or a Hugging Face causal LM directory (a DecoderLM; its tokenizer carries its
+    eos id; options {}), or a Hugging Face Marian directory (an EncoderDecoder; options: the
+    `generate` options transformers decodes it with, `marian.generation_options`).
 
-    Raises ValueError for a directory that is neither, or holds no causal LM or tokenizer."""
+    Raises ValueError for a directory that is neither, or holds no such model or no tokenizer."""
     if source_kind(path) == RUN:
         from transformer_jax.objectives import get_objective
         from transformer_jax.run.load import load_run
@@ -122,17 +124,22 @@ def load_generator(path: str):
         run = load_run(path)
         if get_objective(run.config.objective).model_kind != "decoder_lm":
             raise ValueError(f"sample needs a causal LM; {path!r} is a {run.config.objective!r} run")
-        return run.model, run.params, run.tokenizer
+        return run.model, run.params, run.tokenizer, {}
     cfg, kind, tokenizer, hf = hf_architecture(path)
-    if kind != "decoder_lm":
-        raise ValueError(f"sample needs a causal LM; {path!r} (model_type {hf.get('model_type')!r}) "
-                         f"is a {kind} model")
+    if kind not in ("decoder_lm", "encoder_decoder"):
+        raise ValueError(f"sample needs a causal LM or a translation model; {path!r} (model_type "
+                         f"{hf.get('model_type')!r}) is a {kind} model")
     if tokenizer is None:
         raise ValueError(f"sample needs a tokenizer; {path!r} has no tokenizer.json")
     from transformer_jax.pretrained import from_pretrained
 
     pre = from_pretrained(path)
-    return pre.model, pre.params, pre.tokenizer
+    options = {}
+    if kind == "encoder_decoder":
+        from transformer_jax.pretrained import marian
+
+        options = marian.generation_options(hf)
+    return pre.model, pre.params, pre.tokenizer, options
 
 
 def _pooler_keys(path: str) -> tuple[str, str] | None:
