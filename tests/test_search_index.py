@@ -25,12 +25,14 @@ def integer_vectors(rng, n, d=12):
     return rng.integers(-2, 3, (n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("chunk_size", [8, 1 << 14])  # many chunks / one chunk
-def test_top_k_equals_brute_force_with_ties(chunk_size):
+# many chunks / one chunk with padding rows / one chunk without (no mask, no merge)
+@pytest.mark.parametrize("chunk_size, rows", [(8, 203), (1 << 14, 203), (1 << 14, 200)])
+def test_top_k_equals_brute_force_with_ties(chunk_size, rows):
     rng = np.random.default_rng(1)
-    corpus, queries = integer_vectors(rng, 203), integer_vectors(rng, 6)
+    corpus, queries = integer_vectors(rng, rows), integer_vectors(rng, 6)
     index = VectorIndex(corpus, metric="ip", chunk_size=chunk_size)
-    for k in (1, 9, 203):
+    assert index._placed()[3] == (rows % 8 != 0)  # whether the placed corpus has padding rows
+    for k in (1, 9, rows):
         scores, ids = index.search(queries, k)
         want_scores, want_rows = brute_force(queries, corpus, k)
         assert ids.dtype == np.int64 and scores.dtype == np.float32
@@ -51,7 +53,9 @@ def test_cosine_on_random_vectors_and_query_blocks(monkeypatch):
     np.testing.assert_array_equal(one_id, want_rows[3:4])
 
 
-@pytest.mark.parametrize("rows", [30, 203])  # 30: fewer rows per device (4) than k; padding on several devices
+# 30: fewer rows per device (4) than k; 203: padding on several devices; 256: 32 rows a device,
+# with chunks of 8 no padding at all (no mask)
+@pytest.mark.parametrize("rows", [30, 203, 256])
 def test_sharded_over_eight_devices_equals_one_device(rows):
     assert len(jax.devices()) == 8
     rng = np.random.default_rng(3)

@@ -16,6 +16,7 @@ truncation does), with a warning that counts the truncated texts.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -65,7 +66,7 @@ class SentenceEncoder:
         for attribute in ("encode_batch", "pad_id"):
             if not hasattr(tokenizer, attribute):
                 raise TypeError(f"tokenizer {type(tokenizer).__name__} has no {attribute!r}")
-        self.model, self.params, self.tokenizer = model, params, tokenizer
+        self.model, self.params, self.tokenizer = _for_inference(model), params, tokenizer
         self.pooling, self.normalize, self.max_length = pooling, bool(normalize), max_length
         self._pool = Pooling(pooling, bool(normalize))
         self.name, self.path = name, path
@@ -161,13 +162,15 @@ class SentenceEncoder:
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
         if show_progress is None:
             show_progress = len(texts) >= PROGRESS_MIN_TEXTS
-        out: np.ndarray | None = None
+        # Every batch is dispatched before any result is read back, so padding the next
+        # batch on the host overlaps the device's work on this one.
+        pending = []
         for rows in _progress(batches, show_progress, len(texts), batch_size):
             tokens, mask = self._pad([ids[r] for r in rows], batch_size)
-            vectors = np.asarray(self._embed(self.params, tokens, mask))[: len(rows)]
-            if out is None:
-                out = np.empty((len(texts), vectors.shape[1]), np.float32)
-            out[rows] = vectors
+            pending.append((rows, self._embed(self.params, tokens, mask)))
+        out = np.empty((len(texts), pending[0][1].shape[1]), np.float32)
+        for rows, vectors in pending:
+            out[rows] = np.asarray(vectors)[: len(rows)]
         return out
 
     def _tokenize(self, texts: list[str]) -> list[np.ndarray]:
@@ -220,6 +223,19 @@ class SentenceEncoder:
         """tokens int32 [b, t], mask bool [b, t] -> float32 [b, d]: forward, pool, normalise."""
         hidden = self.model.apply({"params": params}, tokens, padding_mask=mask)
         return self._pool(hidden, mask)
+
+
+def _for_inference(model: Any) -> Any:
+    """`model` with jax.nn's attention ("xla") on CPU where the config leaves the choice to
+    the automatic rule. That rule was tuned on CPU for training (forward and backward);
+    encoding is forward only, and there one fused XLA attention was faster than the
+    blockwise loop the rule picks from 128 x 128 scores (MiniLM, 32 texts x 256 tokens,
+    2-core CPU: benchmarks/RESULTS.md). Other backends keep the rule (cuDNN on GPU)."""
+    cfg = getattr(model, "cfg", None)
+    if (jax.default_backend() != "cpu" or not dataclasses.is_dataclass(cfg)
+            or getattr(cfg, "attention_impl", "set") is not None):
+        return model
+    return model.clone(cfg=dataclasses.replace(cfg, attention_impl="xla"))
 
 
 # ---------------------------------------------------------------------- sources

@@ -11,6 +11,7 @@ The search is exact (every corpus row is scored) and runs in JAX in chunks
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -80,6 +81,7 @@ class VectorIndex:
         self._id_set: set = set()
         self._texts: list[str] | None = None if texts is None else []
         self._device: tuple | None = None
+        self._searchers: dict = {}
         self._id_cache: np.ndarray | None = None
         self.add(embeddings, ids=ids, texts=texts)
 
@@ -156,19 +158,14 @@ class VectorIndex:
             raise ValueError(f"k={k} is larger than the corpus ({len(self)} rows)")
         if self.metric == "cosine":
             queries = _normalise(queries, "queries")
-        corpus, num_rows, chunk = self._placed()
-        scores, rows = [], []
-        for start in range(0, queries.shape[0], QUERY_BLOCK):
-            block = queries[start:start + QUERY_BLOCK]
-            size = min(QUERY_BLOCK, 1 << (block.shape[0] - 1).bit_length())
-            padded = topk.pad_rows(block, size)
-            if self.mesh is None:
-                s, r = topk.top_k_single(padded, corpus, num_rows, k=int(k), chunk=chunk)
-            else:
-                s, r = topk.top_k_sharded(padded, corpus, num_rows, k=int(k), chunk=chunk, mesh=self.mesh)
-            scores.append(np.asarray(s)[: block.shape[0]])
-            rows.append(np.asarray(r)[: block.shape[0]])
-        scores, rows = np.concatenate(scores), np.concatenate(rows)
+        run = self._searcher(int(k))
+        m = queries.shape[0]
+        if m <= QUERY_BLOCK:  # one block: no slicing or concatenating (one query's latency)
+            scores, rows = run(queries)
+        else:
+            blocks = [run(queries[start:start + QUERY_BLOCK]) for start in range(0, m, QUERY_BLOCK)]
+            scores = np.concatenate([s for s, _ in blocks])
+            rows = np.concatenate([r for _, r in blocks])
         return scores, self._id_array()[rows]
 
     def search_texts(self, encoder, texts: Sequence[str], k: int, **encode_kwargs
@@ -194,17 +191,42 @@ class VectorIndex:
             self._id_cache = np.asarray(self._ids, dtype=object if is_str else np.int64)
         return self._id_cache
 
-    def _placed(self) -> tuple[jax.Array, jax.Array, int]:
-        """The corpus on the device(s), normalised for cosine and padded to whole chunks."""
+    def _placed(self) -> tuple[jax.Array, jax.Array, int, bool]:
+        """The corpus on the device(s), normalised for cosine and padded to whole chunks:
+        (corpus, number of real rows, chunk, whether any row is padding). Placed once and
+        kept until the next add, so a search moves only its queries to the device."""
         if self._device is None:
             vectors = _normalise(self._vectors, "embeddings") if self.metric == "cosine" else self._vectors
             devices = 1 if self.mesh is None else self.mesh.devices.size
             chunk, per_device = topk.padded_layout(len(self), self.chunk_size, devices)
             padded = topk.pad_rows(vectors, per_device * devices)
-            placed = (jnp.asarray(padded) if self.mesh is None
+            placed = (jax.device_put(padded) if self.mesh is None
                       else jax.device_put(padded, topk.corpus_sharding(self.mesh)))
-            self._device = (placed, jnp.int32(len(self)), chunk)
+            self._device = (placed, jnp.int32(len(self)), chunk, per_device * devices > len(self))
+            self._searchers = {}
         return self._device
+
+    def _searcher(self, k: int):
+        """queries float32 [b, d] (b <= QUERY_BLOCK) -> (scores [b, k], rows [b, k]) as NumPy,
+        one per k, kept until the next add. A block is padded to a power of two rows, so
+        query counts compile a handful of shapes."""
+        corpus, num_rows, chunk, padded = self._placed()
+        run = self._searchers.get(k)
+        if run is None:
+            if self.mesh is None:
+                top = functools.partial(topk.top_k_single, k=k, chunk=chunk, padded=padded)
+            else:
+                top = functools.partial(topk.top_k_sharded, k=k, chunk=chunk, mesh=self.mesh,
+                                        padded=padded)
+
+            def run(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                rows = block.shape[0]
+                size = 1 << (rows - 1).bit_length()
+                scores, found = top(topk.pad_rows(block, size), corpus, num_rows)
+                scores, found = np.asarray(scores), np.asarray(found)
+                return (scores, found) if size == rows else (scores[:rows], found[:rows])
+            self._searchers[k] = run
+        return run
 
     # ------------------------------------------------------------------ files
 

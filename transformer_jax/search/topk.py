@@ -21,13 +21,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def _chunked_top_k(queries: jax.Array, corpus: jax.Array, valid_rows: jax.Array, k: int,
-                   chunk: int) -> tuple[jax.Array, jax.Array]:
+                   chunk: int, padded: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top k of `queries @ corpus.T` over the first `valid_rows` rows of `corpus`.
 
     queries float32 [m, d]; corpus float32 [r, d] with r a multiple of `chunk`;
     valid_rows an int32 scalar. Returns scores float32 [m, k] (descending) and
     row indices int32 [m, k] into `corpus`; slots beyond the valid rows hold -inf.
     Each chunk keeps its own top k ([chunks, m, k] in all); one final top_k merges them.
+    padded=False promises that every row is valid (the mask is then skipped).
     """
     num_chunks = corpus.shape[0] // chunk
     chunk_k = min(k, chunk)
@@ -36,12 +37,15 @@ def _chunked_top_k(queries: jax.Array, corpus: jax.Array, valid_rows: jax.Array,
         scores = jnp.dot(queries, block.T, precision=jax.lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
         rows = start + jnp.arange(chunk, dtype=jnp.int32)
-        scores = jnp.where(rows[None, :] < valid_rows, scores, -jnp.inf)
+        if padded:
+            scores = jnp.where(rows[None, :] < valid_rows, scores, -jnp.inf)
         top_scores, top_pos = jax.lax.top_k(scores, chunk_k)
         return top_scores, top_pos + start
 
     if num_chunks == 1:
         scores, rows = chunk_top_k(corpus, jnp.int32(0))
+        if chunk_k == k:  # already the top k, in the merge's order: no merge needed
+            return scores, rows
     else:
         chunks = corpus.reshape(num_chunks, chunk, corpus.shape[1])
         starts = jnp.arange(num_chunks, dtype=jnp.int32) * chunk
@@ -58,22 +62,23 @@ def _chunked_top_k(queries: jax.Array, corpus: jax.Array, valid_rows: jax.Array,
     return top, jnp.take_along_axis(rows, pick, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "chunk"))
+@functools.partial(jax.jit, static_argnames=("k", "chunk", "padded"))
 def top_k_single(queries: jax.Array, corpus: jax.Array, num_rows: jax.Array, *, k: int,
-                 chunk: int) -> tuple[jax.Array, jax.Array]:
-    """Top k on one device: queries [m, d], corpus [r, d] (rows >= num_rows are padding)."""
-    return _chunked_top_k(queries, corpus, num_rows, k, chunk)
+                 chunk: int, padded: bool = True) -> tuple[jax.Array, jax.Array]:
+    """Top k on one device: queries [m, d], corpus [r, d] (rows >= num_rows are padding;
+    padded=False: there are none)."""
+    return _chunked_top_k(queries, corpus, num_rows, k, chunk, padded)
 
 
 @functools.lru_cache(maxsize=32)
-def _sharded_fn(mesh: Mesh, k: int, chunk: int):
+def _sharded_fn(mesh: Mesh, k: int, chunk: int, padded: bool):
     axes = tuple(mesh.axis_names)
 
     def local(queries, corpus_shard, num_rows):
         rows_per_device = corpus_shard.shape[0]
         offset = jax.lax.axis_index(axes).astype(jnp.int32) * rows_per_device
         valid = jnp.clip(num_rows - offset, 0, rows_per_device)
-        scores, rows = _chunked_top_k(queries, corpus_shard, valid, k, chunk)
+        scores, rows = _chunked_top_k(queries, corpus_shard, valid, k, chunk, padded)
         # [m, devices * k], device 0's candidates first: the merge keeps the lower rows on ties.
         scores = jax.lax.all_gather(scores, axes, axis=1, tiled=True)
         rows = jax.lax.all_gather(rows + offset, axes, axis=1, tiled=True)
@@ -88,10 +93,10 @@ def _sharded_fn(mesh: Mesh, k: int, chunk: int):
 
 
 def top_k_sharded(queries: jax.Array, corpus: jax.Array, num_rows: jax.Array, *, k: int,
-                  chunk: int, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+                  chunk: int, mesh: Mesh, padded: bool = True) -> tuple[jax.Array, jax.Array]:
     """Top k with `corpus` [r, d] split by rows over every device of `mesh` (r a multiple
     of devices * chunk); queries replicated. Same results as `top_k_single`."""
-    return _sharded_fn(mesh, k, chunk)(queries, corpus, num_rows)
+    return _sharded_fn(mesh, k, chunk, padded)(queries, corpus, num_rows)
 
 
 def corpus_sharding(mesh: Mesh) -> NamedSharding:
