@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 OBJECTIVE_NAMES = ("cbow", "skipgram", "glove")
+ROW_UPDATES = ("implicit", "sum", "mean")  # sgns.ROW_RULES (config must not import the JAX code)
 
 # word2vec's (and gensim's) alpha; glove.c's eta.
 DEFAULT_LEARNING_RATES = {"cbow": 0.025, "skipgram": 0.025, "glove": 0.05}
@@ -31,6 +32,8 @@ class WordVectorConfig:
     seed: every random draw (initialisation, subsampling, windows, noise, order) follows it.
     data: the corpus for ``transformer_jax.data.load_text`` ("stdlib", "shakespeare", a path).
     log_every, checkpoint_every: in steps.
+    row_update: how word2vec's updates of one table row within a batch combine
+    ("implicit", "sum" or "mean"; see ``sgns.sgd_update``).
     """
 
     objective: str = "skipgram"
@@ -51,6 +54,7 @@ class WordVectorConfig:
     data: str = "stdlib"
     log_every: int = 100
     checkpoint_every: int = 2000
+    row_update: str = "implicit"
 
     def __post_init__(self):
         if self.objective not in OBJECTIVE_NAMES:
@@ -60,6 +64,8 @@ class WordVectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive int")
+        if self.row_update not in ROW_UPDATES:
+            raise ValueError(f"row_update={self.row_update!r}: expected one of {ROW_UPDATES}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: expected an int >= 0")
         if not isinstance(self.sample, (int, float)) or not 0 <= self.sample < 1:
