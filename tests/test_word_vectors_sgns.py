@@ -211,3 +211,39 @@ def test_shared_negatives_are_one_draw_per_centre():
     expected = (np.asarray(b.negatives)[:, None, :] != np.asarray(b.context)[..., None]) \
         & np.asarray(b.context_mask)[..., None]
     np.testing.assert_array_equal(np.asarray(b.negative_mask), expected)
+
+
+def _planted_batch(rng, b, c, k, v):
+    """Two planted topics: a centre in words [0, v/2) has context from the same half only;
+    negatives uniform over all words (skip-gram, per-pair noise)."""
+    half = v // 2
+    centre = rng.integers(0, v, b)
+    context = rng.integers(0, half, (b, c)) + (centre >= half)[:, None] * half
+    negatives = rng.integers(0, v, (b, c, k))
+    return sgns.Batch(*(jnp.asarray(x) for x in (centre, context, np.ones((b, c), bool),
+                                                  negatives, np.ones((b, c, k), bool))))
+
+
+@pytest.mark.parametrize("rule,stable", [("implicit", True), ("sum", False)])
+def test_huge_batch_for_the_vocabulary_stays_finite_and_separates_topics(rule, stable):
+    """A batch hitting each of 8 rows ~2,000 times: summed SGD steps ("sum", the old rule)
+    overshoot and blow up; the implicit per-row step learns the two planted topics."""
+    rng = np.random.default_rng(0)
+    v, d = 8, 6
+    params = sgns.init_tables(jax.random.PRNGKey(0), v, d)
+    update = jax.jit(sgns.sgd_update, static_argnames=("cbow", "row_rule"))
+    losses = []
+    for _ in range(12):
+        params, loss, pairs = update(params, _planted_batch(rng, 512, 4, 3, v), 0.025, cbow=False, row_rule=rule)
+        losses.append(float(loss) / float(pairs))
+    w = np.asarray(params["input"], np.float64)
+    finite = np.isfinite(w).all() and np.isfinite(losses).all()
+    if not stable:
+        assert not finite or max(losses[6:]) > losses[0]  # the old rule's failure, so the test can tell
+        return
+    assert finite and losses[-1] < 0.8 * losses[0]
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = np.equal.outer(np.arange(v) < v // 2, np.arange(v) < v // 2)
+    off = ~np.eye(v, dtype=bool)
+    assert cos[same & off].min() > cos[~same].max()
