@@ -247,3 +247,15 @@ def test_huge_batch_for_the_vocabulary_stays_finite_and_separates_topics(rule, s
     same = np.equal.outer(np.arange(v) < v // 2, np.arange(v) < v // 2)
     off = ~np.eye(v, dtype=bool)
     assert cos[same & off].min() > cos[~same].max()
+
+
+def test_default_rate_grows_with_the_square_root_of_the_batch_and_row_update_is_checked():
+    from transformer_jax.word_vectors.config import WordVectorConfig
+    assert WordVectorConfig(objective="cbow", batch_size=512).lr == 0.025
+    assert WordVectorConfig(objective="skipgram", batch_size=1024).lr == 0.025
+    assert WordVectorConfig(objective="skipgram", batch_size=16384).lr == pytest.approx(0.025 * 4)
+    assert WordVectorConfig(objective="glove", batch_size=65536).lr == 0.05
+    assert WordVectorConfig(batch_size=16384, learning_rate=0.01).lr == 0.01
+    assert WordVectorConfig.from_dict(WordVectorConfig(row_update="mean").to_dict()).row_update == "mean"
+    with pytest.raises(ValueError, match="row_update='avg': expected one of"):
+        WordVectorConfig(row_update="avg")
