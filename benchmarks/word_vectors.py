@@ -129,7 +129,8 @@ def run_ours(name: str, text: str, args, n_words: int) -> dict:
         epochs=args.glove_epochs if objective == "glove" else args.epochs,
         batch_size=args.glove_batch_size if objective == "glove" else args.batch_size,
         shared_negatives=name == "skipgram-shared",
-        seed=args.seed, log_every=args.log_every, checkpoint_every=10**9)
+        seed=args.seed, log_every=args.log_every, checkpoint_every=10**9, row_update=args.row_update,
+        learning_rate=args.learning_rate if objective != "glove" else None)
     with tempfile.TemporaryDirectory() as out:
         t0 = time.perf_counter()
         kv = train_word_vectors(cfg, out, text=text, progress=False)
@@ -229,6 +230,10 @@ def main() -> None:
     p.add_argument("--glove-epochs", type=int, default=None, help="default: --epochs")
     p.add_argument("--batch-size", type=int, default=1024, help="word2vec centres per step")
     p.add_argument("--glove-batch-size", type=int, default=4096)
+    p.add_argument("--learning-rate", type=float, default=None, help="word2vec's initial alpha "
+                   "(default: 0.025, times sqrt(batch / 1024) above 1,024)")
+    p.add_argument("--row-update", default="implicit", choices=("implicit", "sum", "mean"),
+                   help="how one batch's word2vec updates of a row combine (sgns.sgd_update)")
     p.add_argument("--seeds", default="0", help="comma-separated: quality as mean ± std over them")
     p.add_argument("--repeat", type=int, default=1, help="repeat the corpus (longer timing runs)")
     p.add_argument("--log-every", type=int, default=20, help="our steps between metrics records")

@@ -78,12 +78,22 @@ def _random_batch(rng, b, c, k, v, cbow, shared=False):
     return sgns.Batch(*(jnp.asarray(x) for x in (centre, context, context_mask, negatives, negative_mask)))
 
 
-def _reference_update(w_in, w_out, batch, lr, cbow):
-    """float64 NumPy: the summed loss and the tables after one SGD step, pair by pair."""
+def _reference_update(w_in, w_out, batch, lr, cbow, rule):
+    """float64 NumPy, term by term as word2vec.c writes it: the summed loss and the tables
+    after one step. Each term ``-log s(+-a.b)`` of a row ``a`` adds ``(s(a.b) - label) b`` to
+    its gradient, ``s'(a.b) |b|^2`` to its curvature and 1 to its number of updates; CBOW's
+    context words each get the full error of ``h`` (word2vec's neu1e)."""
     w_in, w_out = np.array(w_in, np.float64), np.array(w_out, np.float64)
-    g_in, g_out = np.zeros_like(w_in), np.zeros_like(w_out)
+    g = {"in": np.zeros_like(w_in), "out": np.zeros_like(w_out)}
+    curv = {"in": np.zeros(len(w_in)), "out": np.zeros(len(w_out))}
+    hits = {"in": np.zeros(len(w_in)), "out": np.zeros(len(w_out))}
     centre, context, cmask, neg, nmask = (np.asarray(x) for x in batch)
     loss = 0.0
+
+    def term(a, b, label):
+        s = _sigmoid(a @ b)
+        return -(np.log(s) if label else np.log(1 - s)), (s - label) * b, s * (1 - s) * (b @ b)
+
     for i in range(len(centre)):
         if cbow:
             ctx = context[i][cmask[i]]
@@ -91,38 +101,55 @@ def _reference_update(w_in, w_out, batch, lr, cbow):
                 continue
             h = w_in[ctx].mean(0)
             targets = [(centre[i], 1.0)] + [(n, 0.0) for n, m in zip(neg[i], nmask[i]) if m]
-            dh = np.zeros_like(h)
+            neu1e, h_curv = np.zeros_like(h), 0.0
             for t, label in targets:
-                s = _sigmoid(h @ w_out[t])
-                loss -= np.log(s) if label else np.log(1 - s)
-                dh += (s - label) * w_out[t]
-                g_out[t] += (s - label) * h
-            for cw in ctx:
-                g_in[cw] += dh / len(ctx)
+                l, grad_h, c_h = term(h, w_out[t], label)
+                _, grad_t, c_t = term(w_out[t], h, label)
+                loss += l
+                neu1e += grad_h
+                h_curv += c_h
+                g["out"][t] += grad_t
+                curv["out"][t] += c_t
+                hits["out"][t] += 1
+            for cw in ctx:  # the full neu1e, not neu1e / len(ctx)
+                g["in"][cw] += neu1e
+                curv["in"][cw] += h_curv
+                hits["in"][cw] += 1
         else:
-            v = w_in[centre[i]]
+            c = centre[i]
             for j in range(context.shape[1]):
                 if not cmask[i, j]:
                     continue
                 noise = neg[i] if neg.ndim == 2 else neg[i, j]  # shared by the centre's pairs, or per pair
                 targets = [(context[i, j], 1.0)] + [(n, 0.0) for n, m in zip(noise, nmask[i, j]) if m]
                 for t, label in targets:
-                    s = _sigmoid(v @ w_out[t])
-                    loss -= np.log(s) if label else np.log(1 - s)
-                    g_in[centre[i]] += (s - label) * w_out[t]
-                    g_out[t] += (s - label) * v
-    return loss, w_in - lr * g_in, w_out - lr * g_out
+                    l, grad_c, c_c = term(w_in[c], w_out[t], label)
+                    _, grad_t, c_t = term(w_out[t], w_in[c], label)
+                    loss += l
+                    g["in"][c] += grad_c
+                    curv["in"][c] += c_c
+                    hits["in"][c] += 1
+                    g["out"][t] += grad_t
+                    curv["out"][t] += c_t
+                    hits["out"][t] += 1
+    scale = {k: (1.0 / (1.0 + lr * curv[k]) if rule == "implicit"
+                 else 1.0 / np.maximum(hits[k], 1.0) if rule == "mean" else np.ones_like(curv[k]))
+             for k in g}
+    return loss, w_in - lr * scale["in"][:, None] * g["in"], w_out - lr * scale["out"][:, None] * g["out"]
 
 
-@pytest.mark.parametrize("cbow,shared", [(False, False), (True, False), (False, True)])
-def test_sgd_update_matches_numpy_loss_and_gradients(cbow, shared):
+@pytest.mark.parametrize("cbow,shared,rule", [
+    (False, False, "implicit"), (True, False, "implicit"), (False, True, "implicit"),
+    (False, False, "sum"), (True, False, "sum"), (True, False, "mean"), (False, True, "mean")])
+def test_sgd_update_matches_numpy_word2vec_rule(cbow, shared, rule):
     rng = np.random.default_rng(1 + cbow + 2 * shared)
     v, d = 7, 5  # few words: repeated rows in the batch exercise the scatter-add
     batch = _random_batch(rng, b=6, c=4, k=3, v=v, cbow=cbow, shared=shared)
     params = {"input": jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float32),
               "output": jnp.asarray(rng.normal(size=(v, d)) * 0.5, jnp.float32)}
-    new, loss, pairs = jax.jit(sgns.sgd_update, static_argnames="cbow")(params, batch, 0.1, cbow=cbow)
-    ref_loss, ref_in, ref_out = _reference_update(params["input"], params["output"], batch, 0.1, cbow)
+    new, loss, pairs = jax.jit(sgns.sgd_update, static_argnames=("cbow", "row_rule"))(
+        params, batch, 0.1, cbow=cbow, row_rule=rule)
+    ref_loss, ref_in, ref_out = _reference_update(params["input"], params["output"], batch, 0.1, cbow, rule)
     np.testing.assert_allclose(float(loss), ref_loss, rtol=1e-5)
     np.testing.assert_allclose(np.asarray(new["input"]), ref_in, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(new["output"]), ref_out, rtol=1e-5, atol=1e-6)
@@ -184,3 +211,51 @@ def test_shared_negatives_are_one_draw_per_centre():
     expected = (np.asarray(b.negatives)[:, None, :] != np.asarray(b.context)[..., None]) \
         & np.asarray(b.context_mask)[..., None]
     np.testing.assert_array_equal(np.asarray(b.negative_mask), expected)
+
+
+def _planted_batch(rng, b, c, k, v):
+    """Two planted topics: a centre in words [0, v/2) has context from the same half only;
+    negatives uniform over all words (skip-gram, per-pair noise)."""
+    half = v // 2
+    centre = rng.integers(0, v, b)
+    context = rng.integers(0, half, (b, c)) + (centre >= half)[:, None] * half
+    negatives = rng.integers(0, v, (b, c, k))
+    return sgns.Batch(*(jnp.asarray(x) for x in (centre, context, np.ones((b, c), bool),
+                                                  negatives, np.ones((b, c, k), bool))))
+
+
+@pytest.mark.parametrize("rule,stable", [("implicit", True), ("sum", False)])
+def test_huge_batch_for_the_vocabulary_stays_finite_and_separates_topics(rule, stable):
+    """A batch hitting each of 8 rows ~2,000 times: summed SGD steps ("sum", the old rule)
+    overshoot and blow up; the implicit per-row step learns the two planted topics."""
+    rng = np.random.default_rng(0)
+    v, d = 8, 6
+    params = sgns.init_tables(jax.random.PRNGKey(0), v, d)
+    update = jax.jit(sgns.sgd_update, static_argnames=("cbow", "row_rule"))
+    losses = []
+    for _ in range(12):
+        params, loss, pairs = update(params, _planted_batch(rng, 512, 4, 3, v), 0.025, cbow=False, row_rule=rule)
+        losses.append(float(loss) / float(pairs))
+    w = np.asarray(params["input"], np.float64)
+    finite = np.isfinite(w).all() and np.isfinite(losses).all()
+    if not stable:
+        assert not finite or max(losses[6:]) > losses[0]  # the old rule's failure, so the test can tell
+        return
+    assert finite and losses[-1] < 0.8 * losses[0]
+    unit = w / np.linalg.norm(w, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    same = np.equal.outer(np.arange(v) < v // 2, np.arange(v) < v // 2)
+    off = ~np.eye(v, dtype=bool)
+    assert cos[same & off].min() > cos[~same].max()
+
+
+def test_default_rate_grows_with_the_square_root_of_the_batch_and_row_update_is_checked():
+    from transformer_jax.word_vectors.config import WordVectorConfig
+    assert WordVectorConfig(objective="cbow", batch_size=512).lr == 0.025
+    assert WordVectorConfig(objective="skipgram", batch_size=1024).lr == 0.025
+    assert WordVectorConfig(objective="skipgram", batch_size=16384).lr == pytest.approx(0.025 * 4)
+    assert WordVectorConfig(objective="glove", batch_size=65536).lr == 0.05
+    assert WordVectorConfig(batch_size=16384, learning_rate=0.01).lr == 0.01
+    assert WordVectorConfig.from_dict(WordVectorConfig(row_update="mean").to_dict()).row_update == "mean"
+    with pytest.raises(ValueError, match="row_update='avg': expected one of"):
+        WordVectorConfig(row_update="avg")

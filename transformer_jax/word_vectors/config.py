@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 OBJECTIVE_NAMES = ("cbow", "skipgram", "glove")
+ROW_UPDATES = ("implicit", "sum", "mean")  # sgns.ROW_RULES (config must not import the JAX code)
 
 # word2vec's (and gensim's) alpha; glove.c's eta.
 DEFAULT_LEARNING_RATES = {"cbow": 0.025, "skipgram": 0.025, "glove": 0.05}
+WORD2VEC_REFERENCE_BATCH = 1024  # centres per step at which word2vec's default rate applies as is
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,16 @@ class WordVectorConfig:
     sample: subsampling threshold (Mikolov's; 0 = off; word2vec only).
     epochs: passes over the corpus (word2vec) or over the co-occurrence entries (GloVe).
     x_max, power: GloVe's weighting f(x) = min(1, (x / x_max)^power).
-    learning_rate: initial rate (None: 0.025 for word2vec, decaying linearly to
-    min_learning_rate as word2vec does; 0.05 for GloVe's AdaGrad).
+    learning_rate: initial rate (None: 0.025 for word2vec, times sqrt(batch_size / 1024)
+    above 1,024 centres per step, decaying linearly to min_learning_rate as word2vec does;
+    0.05 for GloVe's AdaGrad).
     lowercase: lower-case the corpus before tokenising.
     batch_size: centres (word2vec) or co-occurrence entries (GloVe) per step.
     seed: every random draw (initialisation, subsampling, windows, noise, order) follows it.
     data: the corpus for ``transformer_jax.data.load_text`` ("stdlib", "shakespeare", a path).
     log_every, checkpoint_every: in steps.
+    row_update: how word2vec's updates of one table row within a batch combine
+    ("implicit", "sum" or "mean"; see ``sgns.sgd_update``).
     """
 
     objective: str = "skipgram"
@@ -51,6 +57,7 @@ class WordVectorConfig:
     data: str = "stdlib"
     log_every: int = 100
     checkpoint_every: int = 2000
+    row_update: str = "implicit"
 
     def __post_init__(self):
         if self.objective not in OBJECTIVE_NAMES:
@@ -60,6 +67,8 @@ class WordVectorConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected a positive int")
+        if self.row_update not in ROW_UPDATES:
+            raise ValueError(f"row_update={self.row_update!r}: expected one of {ROW_UPDATES}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed={self.seed!r}: expected an int >= 0")
         if not isinstance(self.sample, (int, float)) or not 0 <= self.sample < 1:
@@ -77,8 +86,17 @@ class WordVectorConfig:
 
     @property
     def lr(self) -> float:
-        """The initial learning rate: ``learning_rate`` or the objective's default."""
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.objective]
+        """The initial learning rate: ``learning_rate`` or the objective's default; word2vec's
+        default 0.025 grows as ``sqrt(batch_size / 1024)`` above 1,024 centres per step. A
+        larger batch takes proportionally fewer sequential steps; the implicit per-row step
+        (``sgns.sgd_update``) keeps frequent rows stable at a larger rate, and without it
+        batch 16,384 lost most of its quality (benchmarks/RESULTS.md, 2026-12-01)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        base = DEFAULT_LEARNING_RATES[self.objective]
+        if self.objective == "glove" or self.batch_size <= WORD2VEC_REFERENCE_BATCH:
+            return base
+        return base * math.sqrt(self.batch_size / WORD2VEC_REFERENCE_BATCH)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

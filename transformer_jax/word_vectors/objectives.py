@@ -106,7 +106,8 @@ class Word2Vec:
             if batch_sharding is not None:
                 batch = jax.lax.with_sharding_constraint(batch, batch_sharding)
             lr = sgns.linear_decay(state.step, total, alpha, min_alpha)
-            params, loss, pairs = sgns.sgd_update(state.params, batch, lr, cbow=self.cbow)
+            params, loss, pairs = sgns.sgd_update(state.params, batch, lr, cbow=self.cbow,
+                                                  row_rule=config.row_update)
             new = TrainState(step=state.step + 1, params=params,
                              opt_state={"learning_rate": lr.astype(jnp.float32)}, rng=state.rng)
             return new, {"loss_sum": loss, "pairs": pairs.astype(jnp.float32), "learning_rate": lr}

@@ -112,42 +112,6 @@ def make_batch(data: EpochData, noise_cdf: jax.Array, seed: int | jax.Array, ste
     return Batch(centre, context, context_mask, noise, negative_mask)
 
 
-def skipgram_loss(centre_in: jax.Array, context_out: jax.Array, negative_out: jax.Array,
-                  context_mask: jax.Array, negative_mask: jax.Array) -> jax.Array:
-    """Summed skip-gram negative-sampling loss
-    ``sum_pairs -log s(v_c . u_o) - sum_k log s(-v_c . u_k)`` (s = sigmoid).
-
-    centre_in: [B, d]; context_out: [B, C, d]; negative_out: [B, C, K, d] (K noise words
-    per pair, as word2vec) or [B, K, d] (one set of K shared by the centre's C pairs);
-    context_mask: [B, C] bool; negative_mask: [B, C, K] bool. Returns a float32 scalar.
-    """
-    # broadcast-multiply-sum: XLA:CPU runs these batched row dots far faster than as einsum
-    pos = (centre_in[:, None, :] * context_out).sum(-1)
-    if negative_out.ndim == 3:  # shared: [B, K] scores, the same for every pair of a centre
-        neg = (centre_in[:, None, :] * negative_out).sum(-1)[:, None, :]
-    else:
-        neg = (centre_in[:, None, None, :] * negative_out).sum(-1)
-    return -(jnp.where(context_mask, jax.nn.log_sigmoid(pos), 0.0).sum()
-             + jnp.where(negative_mask, jax.nn.log_sigmoid(-neg), 0.0).sum())
-
-
-def cbow_loss(context_in: jax.Array, context_mask: jax.Array, centre_out: jax.Array,
-              negative_out: jax.Array, negative_mask: jax.Array) -> jax.Array:
-    """Summed CBOW negative-sampling loss: ``h`` = mean of the valid context input vectors,
-    ``-log s(h . u_c) - sum_k log s(-h . u_k)``; rows without context count nothing.
-
-    context_in: [B, C, d]; context_mask: [B, C] bool; centre_out: [B, d];
-    negative_out: [B, K, d]; negative_mask: [B, K] bool. Returns a float32 scalar.
-    """
-    count = context_mask.sum(axis=1)
-    h = (context_mask[..., None].astype(context_in.dtype) * context_in).sum(1)
-    h = h / jnp.maximum(count, 1)[:, None].astype(h.dtype)
-    pos = (h * centre_out).sum(-1)
-    neg = (h[:, None, :] * negative_out).sum(-1)
-    return -(jnp.where(count > 0, jax.nn.log_sigmoid(pos), 0.0).sum()
-             + jnp.where(negative_mask, jax.nn.log_sigmoid(-neg), 0.0).sum())
-
-
 def linear_decay(step: jax.Array, total_steps: int, alpha: float, min_alpha: float) -> jax.Array:
     """word2vec's learning rate: ``alpha`` at step 0 falling linearly to ``min_alpha`` at
     ``total_steps``."""
@@ -155,35 +119,129 @@ def linear_decay(step: jax.Array, total_steps: int, alpha: float, min_alpha: flo
     return alpha - (alpha - min_alpha) * progress
 
 
-def sgd_update(params: dict, batch: Batch, lr: jax.Array, *, cbow: bool) -> tuple[dict, jax.Array, jax.Array]:
-    """One SGD step on the summed loss of ``batch``: gather the rows, differentiate,
-    scatter-add ``-lr * grad`` into the tables.
+ROW_RULES = ("implicit", "sum", "mean")
+
+
+def sgd_update(params: dict, batch: Batch, lr: jax.Array, *, cbow: bool,
+               row_rule: str = "implicit") -> tuple[dict, jax.Array, jax.Array]:
+    """One step of word2vec's SGD on ``batch``: gather the rows, compute every term's
+    gradient, scatter the updates into the tables.
+
+    The gradients are word2vec's (and gensim's): skip-gram's are those of the summed loss;
+    CBOW's context words each receive the FULL error vector of ``h`` (word2vec.c and gensim
+    with ``cbow_mean=1`` add ``neu1e`` to every context word, dividing by the count only
+    for ``cbow_mean=0``), not the 1/count share autodiff of the mean would give.
+
+    How the terms of one row add up (``row_rule``):
+
+    - "sum": plain summed SGD, ``-lr * sum_i g_i``. word2vec applies the terms one by one;
+      a row hit ``n`` times in a batch (frequent words: thousands of times in a large
+      batch) then moves ``n`` steps computed at the old point and overshoots once
+      ``lr * n * h > 2`` (``h`` its curvature): large batches diverge.
+    - "implicit" (default): ``-lr * sum_i g_i / (1 + lr * H)`` with
+      ``H = sum_i s'(x_i) |b_i|^2`` the trace of the Gauss-Newton curvature of the row's
+      terms (``x_i = a . b_i`` a term's score, ``s'`` the sigmoid's derivative). That is
+      the implicit (proximal) SGD step of the row's quadratic model, with the trace as an
+      upper bound of its largest eigenvalue: where ``lr * H`` is small (rare words, small
+      batches) it is word2vec's summed update to first order; for a row hit many times it
+      contracts the error by ``1 / (1 + lr * H)`` instead of overshooting, so the result
+      depends little on the batch size.
+    - "mean": ``-lr * mean_i g_i`` per row (one step per row and batch; rows hit often
+      learn more slowly as the batch grows).
 
     params: {"input": [V, d], "output": [V, d]} float32. Returns
     ``(new_params, summed_loss, number_of_positive_pairs)``.
     """
+    if row_rule not in ROW_RULES:
+        raise ValueError(f"row_rule={row_rule!r}: expected one of {ROW_RULES}")
     w_in, w_out = params["input"], params["output"]
-    # positives and negatives gathered (and scattered) separately: no [.., K+1, d] copies
-    if cbow:
-        rows_in, rows_pos = batch.context, batch.centre
-
-        def loss(x_in, x_pos, x_neg):
-            return cbow_loss(x_in, batch.context_mask, x_pos, x_neg, batch.negative_mask)
-        pairs = batch.context_mask.any(axis=1).sum()
-    else:
-        rows_in, rows_pos = batch.centre, batch.context
-
-        def loss(x_in, x_pos, x_neg):
-            return skipgram_loss(x_in, x_pos, x_neg, batch.context_mask, batch.negative_mask)
-        pairs = batch.context_mask.sum()
-    rows_neg = batch.negatives
-    value, (g_in, g_pos, g_neg) = jax.value_and_grad(loss, argnums=(0, 1, 2))(
-        w_in[rows_in], w_out[rows_pos], w_out[rows_neg])
-    d = w_in.shape[1]
-    w_out = w_out.at[rows_pos.reshape(-1)].add(-lr * g_pos.reshape(-1, d))
-    w_out = w_out.at[rows_neg.reshape(-1)].add(-lr * g_neg.reshape(-1, d))
-    new = {"input": w_in.at[rows_in.reshape(-1)].add(-lr * g_in.reshape(-1, d)), "output": w_out}
+    v = w_in.shape[0]
+    value, pairs, updates = (_cbow_terms if cbow else _skipgram_terms)(w_in, w_out, batch)
+    new = {}
+    for name, table in (("input", w_in), ("output", w_out)):
+        entries = updates[name]
+        if row_rule != "sum":
+            # curvature (implicit) or number of word2vec updates (mean) of each entry, summed per row
+            per_row = jnp.zeros((v,), table.dtype)
+            for rows, _, curvature, hits in entries:
+                per_row = per_row.at[rows.reshape(-1)].add((curvature if row_rule == "implicit" else hits).reshape(-1))
+        for rows, grads, _, _ in entries:
+            rows, grads = rows.reshape(-1), grads.reshape(-1, grads.shape[-1])
+            if row_rule == "sum":
+                step = -lr * grads
+            else:
+                r = per_row[rows]
+                scale = 1.0 / (1.0 + lr * r) if row_rule == "implicit" else 1.0 / jnp.maximum(r, 1.0)
+                step = (-lr * scale)[:, None] * grads
+            table = table.at[rows].add(step)
+        new[name] = table
     return new, value, pairs
+
+
+def _sigmoid_terms(scores: jax.Array, label: float, mask: jax.Array):
+    """For scores ``x`` of terms ``-log s(x)`` (label 1) or ``-log s(-x)`` (label 0), masked:
+    (summed loss, dL/dx, d2L/dx2), the last two zero where ``mask`` is False."""
+    s = jax.nn.sigmoid(scores)
+    loss = -jnp.where(mask, jax.nn.log_sigmoid(scores if label else -scores), 0.0).sum()
+    return loss, jnp.where(mask, s - label, 0.0), jnp.where(mask, s * (1.0 - s), 0.0)
+
+
+def _sq(x: jax.Array) -> jax.Array:
+    return (x * x).sum(-1)
+
+
+def _skipgram_terms(w_in, w_out, batch: Batch):
+    """Skip-gram's loss, pair count and per-table update entries
+    ``(rows, gradients, curvature, number_of_updates)``."""
+    cmask, nmask = batch.context_mask, batch.negative_mask
+    # positives and negatives gathered (and scattered) separately: no [.., K+1, d] copies
+    v, u_pos, u_neg = w_in[batch.centre], w_out[batch.context], w_out[batch.negatives]
+    shared = u_neg.ndim == 3
+    # broadcast-multiply-sum: XLA:CPU runs these batched row dots far faster than as einsum
+    pos = (v[:, None, :] * u_pos).sum(-1)                                   # [B, C]
+    neg = ((v[:, None, :] * u_neg).sum(-1)[:, None, :] if shared
+           else (v[:, None, None, :] * u_neg).sum(-1))                      # [B, C, K]
+    l_pos, e_pos, c_pos = _sigmoid_terms(pos, 1.0, cmask)
+    l_neg, e_neg, c_neg = _sigmoid_terms(neg, 0.0, nmask)
+    v_sq = _sq(v)
+    if shared:  # one noise row per (centre, k), hit by the centre's C pairs
+        e_n, c_n, n_n = e_neg.sum(1), c_neg.sum(1), nmask.sum(1)
+        g_v = (e_pos[..., None] * u_pos).sum(1) + (e_n[..., None] * u_neg).sum(1)
+        h_v = (c_pos * _sq(u_pos)).sum(1) + (c_n * _sq(u_neg)).sum(1)
+        g_neg = e_n[..., None] * v[:, None, :]
+    else:
+        e_n, c_n, n_n = e_neg, c_neg, nmask
+        g_v = (e_pos[..., None] * u_pos).sum(1) + (e_neg[..., None] * u_neg).sum((1, 2))
+        h_v = (c_pos * _sq(u_pos)).sum(1) + (c_neg * _sq(u_neg)).sum((1, 2))
+        g_neg = e_n[..., None] * v[:, None, None, :]
+    updates_in = (batch.centre, g_v, h_v, (cmask.sum(1) + nmask.sum((1, 2))).astype(v.dtype))
+    out_pos = (batch.context, e_pos[..., None] * v[:, None, :], c_pos * v_sq[:, None], cmask.astype(v.dtype))
+    out_neg = (batch.negatives, g_neg, c_n * (v_sq[:, None] if shared else v_sq[:, None, None]),
+               n_n.astype(v.dtype))
+    return l_pos + l_neg, cmask.sum(), {"input": [updates_in], "output": [out_pos, out_neg]}
+
+
+def _cbow_terms(w_in, w_out, batch: Batch):
+    """CBOW's loss, pair count and per-table update entries (as ``_skipgram_terms``):
+    ``h`` the mean of the valid context input vectors; every valid context word receives
+    the full gradient of ``h`` (word2vec's rule, see ``sgd_update``)."""
+    cmask, nmask = batch.context_mask, batch.negative_mask
+    x_ctx, u_c, u_neg = w_in[batch.context], w_out[batch.centre], w_out[batch.negatives]
+    count = cmask.sum(1)
+    has = count > 0
+    h = (cmask[..., None].astype(x_ctx.dtype) * x_ctx).sum(1) / jnp.maximum(count, 1)[:, None].astype(x_ctx.dtype)
+    pos = (h * u_c).sum(-1)                                                 # [B]
+    neg = (h[:, None, :] * u_neg).sum(-1)                                   # [B, K]
+    l_pos, e_pos, c_pos = _sigmoid_terms(pos, 1.0, has)
+    l_neg, e_neg, c_neg = _sigmoid_terms(neg, 0.0, nmask)
+    g_h = e_pos[:, None] * u_c + (e_neg[..., None] * u_neg).sum(1)          # word2vec's neu1e / -alpha
+    h_h = c_pos * _sq(u_c) + (c_neg * _sq(u_neg)).sum(1)
+    fmask = cmask.astype(h.dtype)
+    updates_in = (batch.context, fmask[..., None] * g_h[:, None, :], fmask * h_h[:, None], fmask)
+    h_sq = _sq(h)
+    out_pos = (batch.centre, e_pos[:, None] * h, c_pos * h_sq, has.astype(h.dtype))
+    out_neg = (batch.negatives, e_neg[..., None] * h[:, None, :], c_neg * h_sq[:, None], nmask.astype(h.dtype))
+    return l_pos + l_neg, has.sum(), {"input": [updates_in], "output": [out_pos, out_neg]}
 
 
 def init_tables(key: jax.Array, vocab_size: int, dimension: int) -> dict:
