@@ -17,8 +17,12 @@
 #   train         gpt2-small throughput (auto, cudnn, pallas, blockwise attention), then the
 #                 Shakespeare convergence run (needs out/shakespeare.txt, see below)
 #   generate      gpt2-small generation with and without the KV cache at a 1k context
+#   followups     word vectors at batch 16,384 with the implicit row step (needs gensim's test
+#                 data in out/wordvec/, carried: see benchmarks/RESULTS.md "Word vectors"), then
+#                 exact search over 10M random 384-d vectors (MiniLM encoding too where its
+#                 directory is present); about 50 GB of host memory at peak
 #
-# After essentials, in this order: tune, attention64, blockwise, train (with the convergence run).
+# After essentials, in this order: followups, tune, attention64, blockwise, train (with the convergence run).
 # RESULTS_DIR defaults to $OUT (the device tool's returned folder) or benchmarks/results.
 # The device has no network: write the corpus here first and carry it along, e.g.
 #   python -c "from transformer_jax import data; open('out/shakespeare.txt','w').write(data.load_text('shakespeare'))"
@@ -27,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python3}"  # the GPU image has python3, not always python
-part="${1:?usage: gpu_session.sh essentials|attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
+part="${1:?usage: gpu_session.sh essentials|followups|attention128|attention64|tune|blockwise|train|generate [RESULTS_DIR]}"
 results="${2:-${OUT:-benchmarks/results}}/$part"
 mkdir -p "$results"
 exec > >(tee "$results/log.txt") 2>&1
@@ -75,6 +79,13 @@ case "$part" in
   generate)
     "$PY" benchmarks/generate.py --preset gpt2-small --prompt-len 960 --new-tokens 64 --dtype bfloat16 \
       --batch-sizes 1 32 --json "$results/generate.json"
+    ;;
+  followups)
+    timeout 200 "$PY" benchmarks/word_vectors.py --no-gensim --eval-dir out/wordvec \
+      --data out/wordvec/head500.noblanks.cor --repeat 4 --batch-size 16384 --glove-batch-size 65536 \
+      --json "$results/word_vectors_gpu.json"
+    timeout 300 "$PY" benchmarks/search.py --sizes 10000000 --queries 1000 --no-compare --no-fake-devices \
+      --json "$results/search_gpu.json"
     ;;
   *)
     echo "unknown part: $part" >&2
