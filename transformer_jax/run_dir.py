@@ -88,6 +88,10 @@ def open_run_dir(out_dir: str | os.PathLike, *, overwrite: bool = False,
         yield prepare_run_dir(out_dir, overwrite=overwrite, resume=resume)
 
 
+# What process 0 broadcasts about a run directory: 1 resume, 0 start afresh, or a failure.
+REJECTED, LOCKED = -1, -2
+
+
 @contextlib.contextmanager
 def open_run_dir_on_all_processes(out_dir: str | os.PathLike, *, overwrite: bool = False,
                                   resume: bool = False, check: Callable[[RunDirStatus], None] | None = None
@@ -114,10 +118,6 @@ def open_run_dir_on_all_processes(out_dir: str | os.PathLike, *, overwrite: bool
                 decision, error = (LOCKED if isinstance(e, RunLockedError) else REJECTED), e
         decision = agree(decision, error, os.fspath(out_dir))
         yield status if jax.process_index() == 0 else RunDirStatus(resume=decision == 1)
-
-
-# What process 0 broadcasts about a run directory: 1 resume, 0 start afresh, or a failure.
-REJECTED, LOCKED = -1, -2
 
 
 def agree(decision: int, error: Exception | None, out_dir: str) -> int:

@@ -6,12 +6,7 @@ says truthfully what is on disk (shared by the transformer and the word-vector l
             ...                                  # train (and log) the step
             stopping = stop.now(sync_point=...)  # the same steps on every process
             if stopping or ...:
-                try:
-                    ckpt.save(done, state)
-                except Exception as e:
-                    if stopping:
-                        say_not_saved(ckpt, stopping, done, e, say)
-                    raise
+                stopping = stop.save(ckpt, done, state, say)
             if stopping:
                 say_saved(ckpt, stopping, done, say)
                 break
@@ -74,6 +69,19 @@ class StopSignal:
             if codes:
                 self.stopping = self.received or _SIGNALS[codes[0] - 1]
         return self.stopping
+
+    def save(self, ckpt, step: int, state, say: Callable[[str], None], **kwargs) -> str | None:
+        """Starts `ckpt.save(step, state, **kwargs)` (a checkpoint.Checkpointer) and returns the
+        stop to act on after it: a signal that arrived during the save stops now, its step
+        being saved. Call it at the same steps on every process. A save that fails at once
+        while stopping is said (`say_not_saved`) before its error is re-raised."""
+        try:
+            ckpt.save(step, state, **kwargs)
+        except Exception as e:
+            if self.stopping:
+                say_not_saved(ckpt, self.stopping, step, e, say)
+            raise
+        return self.now(sync_point=True)
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._old.items():

@@ -14,7 +14,7 @@ from transformer_jax import training
 from transformer_jax.objectives import Objective, Task
 from transformer_jax.run.steps import CompiledRun
 from transformer_jax.run_log import RunLog
-from transformer_jax.stop_signal import StopSignal, say_not_saved, say_saved
+from transformer_jax.stop_signal import StopSignal, say_saved
 from transformer_jax.train_config import TrainConfig
 
 
@@ -106,13 +106,7 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
             # Every process reaches this line at the same steps (those that log, evaluate or save).
             stopping = stop.now(sync_point=True)
             if last or stopping or done % config.checkpoint_every == 0:
-                try:
-                    ckpt.save(done, state, val_loss=step_val)
-                except Exception as e:
-                    if stopping:  # the stop's own save failed at once: say so before the error
-                        say_not_saved(ckpt, stopping, done, e, say)
-                    raise
-                stopping = stop.now(sync_point=True)  # one during the save: this step is saved
+                stopping = stop.save(ckpt, done, state, say, val_loss=step_val)
             if stopping:
                 say_saved(ckpt, stopping, done, say)
                 break

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from transformer_jax import checkpoint, run_dir
 from transformer_jax.run_log import RunLog
-from transformer_jax.stop_signal import StopSignal, say_not_saved, say_saved
+from transformer_jax.stop_signal import StopSignal, say_saved
 from transformer_jax.word_vectors import sharding as wv_sharding
 from transformer_jax.word_vectors.config import WordVectorConfig
 from transformer_jax.word_vectors.corpus import encode_corpus
@@ -118,13 +118,7 @@ def _train_locked(config: WordVectorConfig, out_dir: str, sentences, vocab, mesh
                 # steps are the sync points where several processes agree on a stop.
                 stopping = stop.now(sync_point=done % config.log_every == 0 or done == end)
                 if done % config.checkpoint_every == 0 or done == end or stopping:
-                    try:
-                        ckpt.save(done, state)
-                    except Exception as e:
-                        if stopping:
-                            say_not_saved(ckpt, stopping, done, e, say)
-                        raise
-                    stopping = stop.now(sync_point=True)  # one during the save: this step is saved
+                    stopping = stop.save(ckpt, done, state, say)
                 if stopping:
                     break
             if stop.stopping and done > start:
