@@ -32,6 +32,7 @@ from transformer_jax.models import Encoder, MaskedLM, SequenceClassifier
 from transformer_jax.models.encoder import POOLING
 from transformer_jax.pretrained import Pooling, from_pretrained
 from transformer_jax.search.index import ModelStamp
+from transformer_jax.search.texts import checked_texts
 
 # Length buckets: powers of two and 1.5x powers of two, capped at the model's context.
 DEFAULT_BUCKETS = (8, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048)
@@ -147,16 +148,7 @@ class SentenceEncoder:
         show_progress: a tqdm bar on stderr (default: from PROGRESS_MIN_TEXTS texts on).
         Raises ValueError for an empty list or a text that tokenises to nothing.
         """
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not one str (wrap it: [text])")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("texts is empty: expected at least one text to encode")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        texts = checked_texts(texts, batch_size)
         ids = self._tokenize(texts)
         order = np.argsort([-len(x) for x in ids], kind="stable")  # longest first, as sentence-transformers
         batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
+from transformer_jax.search.texts import checked_texts
 from transformer_jax.word_vectors.keyed_vectors import KeyedVectors
 from transformer_jax.word_vectors.vocabulary import _WORD
 
@@ -59,16 +60,7 @@ class WordVectorEncoder:
         """Embed ``texts``: float32 ``[len(texts), d]`` in the order given (independent of
         ``batch_size``, which only bounds the work per chunk). ``show_progress`` is accepted
         for interface parity; encoding is a NumPy reduction and shows no bar."""
-        if isinstance(texts, str):
-            raise TypeError("texts must be a list of strings, not one str (wrap it: [text])")
-        texts = list(texts)
-        if not texts:
-            raise ValueError("texts is empty: expected at least one text to encode")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"texts[{i}] is a {type(text).__name__}, expected str")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r}: expected a positive int")
+        texts = checked_texts(texts, batch_size)
         index = self.vectors.index
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for start in range(0, len(texts), batch_size):
