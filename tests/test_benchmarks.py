@@ -70,7 +70,9 @@ def test_train_throughput_benchmark_reports_a_finite_loss(tmp_path):
 
 def test_gpu_essentials_smoke_run_fills_every_part_of_the_summary(tmp_path):
     """benchmarks/essentials.py --smoke: the one-call GPU script, on tiny CPU shapes."""
-    log = _run(tmp_path, "benchmarks/essentials.py", "--smoke", "--out", str(tmp_path / "essentials"))
+    # Six parts, each limited to essentials.SMOKE_LIMIT_S (300 s) by the script itself.
+    log = _run(tmp_path, "benchmarks/essentials.py", "--smoke", "--out", str(tmp_path / "essentials"),
+               timeout_s=6 * 300 + 60)
     with open(tmp_path / "essentials" / "essentials.json") as f:
         report = json.load(f)
     assert {part: r["status"] for part, r in report["parts"].items()} == {
