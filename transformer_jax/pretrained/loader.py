@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,8 +29,8 @@ from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
 from transformer_jax.pretrained.safetensors_io import (
-    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size, read_into,
-    read_tensor, write_checkpoint)
+    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size,
+    write_checkpoint)
 from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
 
@@ -69,7 +70,7 @@ class Pretrained(NamedTuple):
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+                    mesh: jax.sharding.Mesh | None = None, tokenizer: bool = True) -> Pretrained:
     """Load a Hugging Face model directory (config.json + safetensors weights).
 
     Args:
@@ -80,6 +81,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         keeps float32. Parameters are float32 whatever the checkpoint's dtype.
       mesh: place each parameter with the shardings `transformer_jax.sharding` gives it
         on this mesh (under `use_mesh`'s rules), tensor by tensor.
+      tokenizer: False skips tokenizer.json (the result's `tokenizer` is then None), for a
+        caller that needs the weights only (fine-tuning on its own tokens): parsing it is
+        a good part of the load of a small model.
 
     Raises:
       ValueError: a missing directory or file, an unsupported model_type, architecture
@@ -88,6 +92,8 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         wrong shape (each named).
     """
     path = os.fspath(path)
+    if not isinstance(tokenizer, bool):
+        raise TypeError(f"tokenizer must be a bool (whether to load tokenizer.json), got {tokenizer!r}")
     if not os.path.isdir(path):
         raise ValueError(f"path={path!r} is not a directory")
     hf = _read_json(os.path.join(path, "config.json"))
@@ -99,9 +105,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
             raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
     model = _build(kind, cfg, hf)
-    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))  # cheap: before the weights
+    loaded = None
+    if tokenizer:  # before the weights: a bad tokenizer.json fails the load early
+        loaded = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
     params = _load_params(path, family, cfg, kind, model, mesh)
-    return Pretrained(model, params, tokenizer, cfg, pooling, hf)
+    return Pretrained(model, params, loaded, cfg, pooling, hf)
 
 
 def _family(model_type: Any):
@@ -178,9 +186,10 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     # The tables fill every parameter with its shape (checked by the tests through
     # save_pretrained, which compares against the model's own shapes), so the model is
     # traced for its shapes only when a mesh needs the logical axes for the shardings.
-    scratch = _Scratch()
-    convert = lambda e: _host_values(source.infos[names[e.key]], e, scratch)  # noqa: E731
-    values = ((p, v) for e in table for p, v in zip(e.paths, convert(e)))
+    tensors = [(e, source.infos[names[e.key]]) for e in table]
+    if mesh is None and jax.default_backend() == "cpu":
+        return traverse_util.unflatten_dict(_place_on_cpu(tensors, source))
+    shardings: dict = {}
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
@@ -188,54 +197,92 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
         _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
-        flat = {p: jax.device_put(v, shardings[p]) for p, v in values}
-    elif jax.default_backend() == "cpu":
-        # The host arrays are the parameters (device_put aliases them): one call places all.
-        paths, hosts = zip(*values)
-        flat = dict(zip(paths, jax.device_put(list(hosts))))
-    else:  # an accelerator: each host array is freed once its copy is on the device
-        flat = {p: jax.device_put(v) for p, v in values}
+    scratch, flat = _Scratch(source), {}
+    for e, info in tensors:  # each host copy is freed once it is on the device(s)
+        for p, host in zip(e.paths, _host_values(e, info, source, scratch, host_empty)):
+            flat[p] = jax.device_put(host, shardings.get(p))
     return traverse_util.unflatten_dict(flat)
 
 
-class _Scratch:
-    """One reused buffer that tensors needing a conversion are read into (plain reads)."""
+def _aliasable(view: np.ndarray) -> bool:
+    """Whether `view` (of a file's map) can be a CPU parameter as it is: float32, C order,
+    `ALIGNMENT`-aligned (what device_put aliases rather than copies)."""
+    return (view.dtype == np.float32 and view.flags.c_contiguous
+            and view.__array_interface__["data"][0] % ALIGNMENT == 0)
 
-    def __init__(self):
-        self._buffer = np.empty(0, np.uint8)
+
+class _Scratch:
+    """One reused buffer that tensors needing a conversion are read into."""
+
+    def __init__(self, source: TensorSource):
+        self._source, self._buffer = source, np.empty(0, np.uint8)
 
     def read(self, info: TensorInfo) -> np.ndarray:
         nbytes = info.end - info.begin
         if self._buffer.size < nbytes:
             self._buffer = host_empty((nbytes,), np.uint8)
-        return read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
+        return self._source.read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
 
 
-def _host_values(info: TensorInfo, entry: Entry, scratch: _Scratch) -> tuple[np.ndarray, ...]:
-    """The host arrays (float32, C-contiguous) of the parameters `entry` fills from `info`.
+def _host_values(entry: Entry, info: TensorInfo, source: TensorSource, scratch: _Scratch,
+                 allocate: Callable[[tuple[int, ...], Any], np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The float32 host arrays of the parameters `entry` fills from the tensor `info`.
 
     A float32 tensor whose parameter has its bytes in the same order (same layout, or a
-    reshape) is the memory map itself where the file places it `ALIGNMENT`-aligned (on CPU
-    device_put aliases it: nothing is copied or read now), else it is read straight into
-    a page-aligned array of its own (`host_empty`). Any other tensor (a transpose, GPT-2's
-    fused q/k/v, another dtype) is read into the reused scratch buffer and converted into
-    such arrays. Plain reads go through the page cache, so no mapped page stays in the
-    process's memory beside the copy made of it.
+    reshape) is the view of the file's map itself where the map places it
+    `ALIGNMENT`-aligned (on CPU device_put aliases it: nothing is read now), else it is
+    read straight into an array from `allocate(shape, dtype)`. Any other tensor (a
+    transpose, GPT-2's fused q/k/v, another dtype) is read into the reused scratch buffer
+    and converted by one (strided) copy into each parameter's array. Reads go through the
+    page cache (plain reads), so no page of the file stays in the resident set beside the
+    copy made of it.
     """
-    mapped = read_tensor(info)  # a memory map: only the layout of the views is looked at here
+    mapped = source.view(info)  # only the layout of its views is looked at here
     views = entry.load(mapped)
-    if (info.dtype == np.float32 and len(views) == 1 and views[0].flags.c_contiguous
-            and views[0].nbytes == mapped.nbytes and views[0].ctypes.data == mapped.ctypes.data):
-        if mapped.ctypes.data % ALIGNMENT == 0:
+    if (len(views) == 1 and views[0].dtype == np.float32 and views[0].flags.c_contiguous
+            and views[0].size == mapped.size
+            and views[0].__array_interface__["data"][0] == mapped.__array_interface__["data"][0]):
+        if _aliasable(views[0]):
             return views
-        return (read_into(info, host_empty(views[0].shape, np.float32)),)
-    del views, mapped
+        return (source.read_into(info, allocate(views[0].shape, np.float32)),)
     out = []
     for view in entry.load(scratch.read(info)):
-        host = host_empty(view.shape, np.float32)
+        host = allocate(view.shape, np.float32)
         np.copyto(host, view, casting="same_kind")  # bf16/f16/f64 checkpoints: parameters are float32
         out.append(host)
     return tuple(out)
+
+
+def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource) -> dict:
+    """The CPU parameters that `tensors` fill, placed by one device_put (which aliases
+    every host array: no copy).
+
+    The arrays `_host_values` allocates are slots of one arena, a single page-aligned
+    allocation whose pages are faulted in by one call (`host_empty`): one allocation per
+    parameter cost more than the copies into them. The arena lives as long as any
+    parameter in it; the rest of the parameters are views of the file's map.
+    """
+    sizes = []  # the bytes of every parameter that is read or converted, each slot aligned
+    for e, info in tensors:
+        views = e.load(source.view(info))
+        if not (len(views) == 1 and _aliasable(views[0])):
+            sizes += [-(-v.size * 4 // ALIGNMENT) * ALIGNMENT for v in views]
+    arena, offset = host_empty((sum(sizes),), np.uint8), 0
+
+    def take(shape: tuple[int, ...], dtype) -> np.ndarray:
+        nonlocal offset
+        slot = arena[offset:offset + math.prod(shape) * 4].view(np.float32).reshape(shape)
+        offset += -(-slot.nbytes // ALIGNMENT) * ALIGNMENT
+        return slot
+
+    scratch = _Scratch(source)
+    paths, hosts = [], []
+    for e, info in tensors:
+        paths += e.paths
+        hosts += _host_values(e, info, source, scratch, take)
+    if offset != arena.size:  # the two passes decide alike: a mismatch is a bug here
+        raise RuntimeError(f"internal: {offset} of the arena's {arena.size} bytes were used")
+    return dict(zip(paths, jax.device_put(hosts)))
 
 
 def family_for(model: nn.Module):
