@@ -30,10 +30,12 @@ from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
 from transformer_jax.pretrained.safetensors_io import (
     ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size,
-    write_checkpoint)
-from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
+    stage_checkpoint, write_tmp_text)
+from transformer_jax.pretrained.sentence import Pooling, pooling_directories, pooling_files, read_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
+from transformer_jax.tokenizers import TOKENIZER_FILE
 
+CONFIG_FILE = "config.json"
 FAMILIES = {t: family for family in (gpt2, bert, llama, marian) for t in family.MODEL_TYPES}
 MODEL_CLASSES = {"decoder_lm": models.DecoderLM, "encoder": models.Encoder,
                  "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder,
@@ -96,7 +98,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         raise TypeError(f"tokenizer must be a bool (whether to load tokenizer.json), got {tokenizer!r}")
     if not os.path.isdir(path):
         raise ValueError(f"path={path!r} is not a directory")
-    hf = _read_json(os.path.join(path, "config.json"))
+    hf = _read_json(os.path.join(path, CONFIG_FILE))
     family = _family(hf.get("model_type"))
     pooling = read_pooling(path)
     cfg, kind = family.from_hf(hf, pooling is not None)
@@ -313,12 +315,14 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     or where they exceed `max_shard_size` (bytes, or a string such as "2GB", "500MB";
     default "50GB" as transformers) shards model-00001-of-0000N.safetensors with their
     index model.safetensors.index.json, as transformers shards (a tensor larger than the
-    limit gets a shard of its own). Each file is written under a temporary name and the
-    weights are swapped in at the end (see `safetensors_io.write_checkpoint`): the
-    directory holds the previous weights or the new ones, never a mix; the previous
-    save's weight files the new one does not use are removed. Also writes
-    tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
-    modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
+    limit gets a shard of its own). Also writes tokenizer.json + tokenizer_config.json
+    when `tokenizer` is given, and modules.json + 1_Pooling/config.json when `pooling` is.
+    Other files in `path` stay. Over a previous save, every file is written under a
+    temporary name first (a failure meanwhile leaves the previous save whole), then put
+    in place with config.json removed first and renamed in last: a crash amid those
+    renames leaves no config.json (loading fails with an error naming it), never the new
+    weights beside the old config; the previous save's weight files the new one does not
+    use are removed (see `safetensors_io.StagedCheckpoint.commit`).
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
     config.json as they are; the tokenizer's special ids fill the ones not given.
     Marian needs `pad_token_id` (transformers refuses a Marian config without a valid one).
@@ -345,21 +349,40 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
         wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
         raise ValueError(f"params do not match the model built from its config: e.g. {'/'.join(wrong[0])}")
     table = family.entries(cfg, kind, *_classes(model))
-    os.makedirs(path, exist_ok=True)
-    tensors = [(e.key, e.shape, np.float32,
-                lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
-               for e in table]
-    write_checkpoint(path, tensors, max_shard_size)
     hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
+    files = {}  # name (relative to path) -> text, written beside the weights
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
                             ("eos_token_id", tokenizer.eos_id)):
             if value >= 0:
                 hf.setdefault(name, value)
-        tokenizer.save(path)
-    _write_json(os.path.join(path, "config.json"), hf)
+        files.update(tokenizer.files() if isinstance(tokenizer, HFTokenizer) else {TOKENIZER_FILE: tokenizer.to_json()})
     if pooling is not None:
-        write_pooling(path, pooling, cfg.d_model)
+        files.update(pooling_files(pooling, cfg.d_model))
+    files[CONFIG_FILE] = json.dumps(hf, indent=2)
+    for directory in [path, *(os.path.join(path, d) for d in (pooling_directories(pooling) if pooling else ()))]:
+        os.makedirs(directory, exist_ok=True)
+    tensors = [(e.key, e.shape, np.float32,
+                lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
+               for e in table]
+    # Everything is written under temporary names first: a failure meanwhile leaves the
+    # previous save as it was. Then config.json goes first out and last in, so a crash in
+    # the renames between leaves a directory without config.json, which from_pretrained and
+    # transformers refuse with an error, never new weights with the old config (or the reverse).
+    staged, temps = stage_checkpoint(path, tensors, max_shard_size), {}
+    try:
+        for name, text in files.items():
+            temps[name] = write_tmp_text(os.path.join(path, name), text)
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            os.remove(os.path.join(path, CONFIG_FILE))
+        staged.commit()
+        for name in sorted(files, key=lambda n: n == CONFIG_FILE):  # config.json last
+            os.replace(temps.pop(name), os.path.join(path, name))
+    finally:
+        staged.discard()
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 
@@ -374,10 +397,3 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path!r} does not hold a JSON object")
     return data
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

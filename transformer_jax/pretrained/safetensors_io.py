@@ -238,6 +238,8 @@ def _write_tmp(file: str, tensors: Tensors, metadata: dict[str, str] | None = No
                 if array.shape != tuple(shape):
                     raise ValueError(f"tensor {name!r} has shape {array.shape}, expected {tuple(shape)}")
                 f.write(memoryview(array.reshape(-1).view(np.uint8)))
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename that puts it in place
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -287,49 +289,94 @@ def write_checkpoint(directory: str, tensors: Tensors, max_shard_size: int | str
     `model.safetensors.index.json` ({"metadata": {"total_parameters", "total_size"},
     "weight_map"}, sorted keys), the layout transformers writes. Returns the file names written.
 
-    Every file is written under a temporary name first; then the new weights are put in
-    place with the file a reader opens first last (the index, else model.safetensors),
-    and the previous save's weight files that the new one does not use are removed, so
-    the directory holds the old weights or the new ones, never a mix. (Where an old index
-    names shards with the new names, it is removed before they are replaced: a crash in
-    those few renames leaves no index, an error on loading, never a mix.)
+    `stage_checkpoint` then `StagedCheckpoint.commit`: every file is written under a
+    temporary name first (a failure meanwhile leaves the directory as it was), then the
+    new weights are put in place (see `commit`).
     """
+    staged = stage_checkpoint(directory, tensors, max_shard_size, metadata)
+    try:
+        return staged.commit()
+    finally:
+        staged.discard()
+
+
+class StagedCheckpoint:
+    """Weight files written under temporary names beside the names they will take."""
+
+    def __init__(self, directory: str, staged: list[tuple[str, str]], names: list[str], old: set[str]):
+        self.directory, self.names = directory, names
+        self._staged, self._old = staged, old  # (temporary name, final name); the previous save's files
+
+    def commit(self) -> list[str]:
+        """Put the new weights in place, the file a reader opens first (the index, else
+        model.safetensors) last, and remove the previous save's weight files the new one
+        does not use, so the directory holds the old weights or the new ones, never a mix.
+        (Where an old index names shards with the new names, it is removed before they are
+        replaced: a crash in those few renames leaves no index, an error on loading, never
+        a mix.) Returns the file names written."""
+        index_file = os.path.join(self.directory, INDEX_FILE)
+        if os.path.isfile(index_file) and set(self.names) & (self._old - {SINGLE_FILE, INDEX_FILE}):
+            os.remove(index_file)  # it names files about to be replaced
+        for tmp, final in self._staged:
+            os.replace(tmp, final)
+        if self.names == [SINGLE_FILE] and os.path.isfile(index_file):
+            os.remove(index_file)  # a stale index would be read before model.safetensors
+        for name in self._old - set(self.names) - {INDEX_FILE}:
+            os.remove(os.path.join(self.directory, name))
+        return self.names
+
+    def discard(self) -> None:
+        """Remove the temporary files not committed (after a failure)."""
+        for tmp, _ in self._staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+def stage_checkpoint(directory: str, tensors: Tensors, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+                     metadata: dict[str, str] | None = None) -> StagedCheckpoint:
+    """Write the files of `write_checkpoint` under temporary names (nothing in `directory`
+    changes yet); `commit` the result to put them in place. A failure removes them."""
     tensors = list(tensors)
     shards = plan_shards(tensors, parse_size(max_shard_size))
-    index_file, single_file = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
     old = _weight_files(directory)
-    staged: list[tuple[str, str]] = []  # (temporary name, final name)
+    staged = StagedCheckpoint(directory, [], [], old)
     try:
         if len(shards) == 1:
-            staged.append((_write_tmp(single_file, shards[0], metadata), single_file))
-            names = [SINGLE_FILE]
+            final = os.path.join(directory, SINGLE_FILE)
+            staged._staged.append((_write_tmp(final, shards[0], metadata), final))
+            staged.names.append(SINGLE_FILE)
         else:
-            names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
             weight_map = {}
-            for name, shard in zip(names, shards):
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
                 final = os.path.join(directory, name)
-                staged.append((_write_tmp(final, shard, metadata), final))
+                staged._staged.append((_write_tmp(final, shard, metadata), final))
+                staged.names.append(name)
                 weight_map.update((t[0], name) for t in shard)
             metadata_ = {"total_parameters": sum(math.prod(t[1]) for t in tensors),
                          "total_size": sum(math.prod(t[1]) * np.dtype(t[2]).itemsize for t in tensors)}
-            tmp = f"{index_file}.tmp-{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(json.dumps({"metadata": metadata_, "weight_map": weight_map},
-                                   indent=2, sort_keys=True) + "\n")
-            staged.append((tmp, index_file))
-        if os.path.isfile(index_file) and set(names) & (old - {SINGLE_FILE, INDEX_FILE}):
-            os.remove(index_file)  # it names files about to be replaced
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    if len(shards) == 1 and os.path.isfile(index_file):
-        os.remove(index_file)  # a stale index would be read before model.safetensors
-    for name in old - set(names) - {INDEX_FILE}:
-        os.remove(os.path.join(directory, name))
-    return names
+            index_file = os.path.join(directory, INDEX_FILE)
+            staged._staged.append((write_tmp_text(index_file, json.dumps(
+                {"metadata": metadata_, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"), index_file))
+    except BaseException:
+        staged.discard()
+        raise
+    return staged
+
+
+def write_tmp_text(file: str, text: str) -> str:
+    """Write `text` to a temporary name beside `file` (flushed to disk); return that name."""
+    tmp = f"{file}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return tmp
 
 
 def _weight_files(directory: str) -> set[str]:
