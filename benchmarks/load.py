@@ -9,7 +9,8 @@ order rotates every repeat), medians (seconds) and maxima (memory) over the repe
   class's `from_pretrained(dir)`.
 (A directory without tokenizer.json makes the two the same load.) The model classes are
 the concrete ones (BertModel, GPT2LMHeadModel), resolved before the clock starts, as is
-AutoTokenizer; neither side's package imports are timed.
+AutoTokenizer; neither side's package imports are timed (resolving transformers' model
+class imports the `tokenizers` package, so our child imports it before the clock too).
 Both libraries map the safetensors file and read weights lazily where they can, so the
 script times the load and then the first full read of every weight (a sum over each
 parameter: torch's, NumPy's on the CPU jax arrays' own buffers, since jnp.sum would add
@@ -46,6 +47,7 @@ def status(key):
 with_tokenizer = what == "full" and os.path.isfile(os.path.join(path, "tokenizer.json"))
 if which in ("ours", "base"):
     import jax, numpy as np
+    import tokenizers  # imported before the clock on both sides (resolving transformers' model class imports it)
     from transformer_jax.pretrained import from_pretrained
     jax.numpy.zeros(1).block_until_ready()  # start the runtime before measuring
     base = status("VmRSS"); start = time.perf_counter(); cpu = sum(os.times()[:2])

@@ -8,7 +8,8 @@ so host memory holds at most one converted tensor (and one reused read buffer) b
 the placed parameters. On a CPU backend the placed parameters are the host arrays
 themselves (device_put aliases aligned data): a float32 tensor stored as we store it at
 an aligned offset stays a view of the file's pages, read when first used (see
-`safetensors_io`). A failure raises before anything is returned.
+`safetensors_io`), and every other parameter is a slot of one arena filled at load (see
+`_place_on_cpu`). A failure raises before anything is returned.
 """
 from __future__ import annotations
 
@@ -200,8 +201,10 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
     scratch, flat = _Scratch(source), {}
+    allocate = lambda shape: host_empty(shape, np.float32)  # noqa: E731
     for e, info in tensors:  # each host copy is freed once it is on the device(s)
-        for p, host in zip(e.paths, _host_values(e, info, source, scratch, host_empty)):
+        views = e.load(source.view(info))
+        for p, host in zip(e.paths, _host_values(e, info, views, source, scratch, allocate)):
             flat[p] = jax.device_put(host, shardings.get(p))
     return traverse_util.unflatten_dict(flat)
 
@@ -211,6 +214,14 @@ def _aliasable(view: np.ndarray) -> bool:
     `ALIGNMENT`-aligned (what device_put aliases rather than copies)."""
     return (view.dtype == np.float32 and view.flags.c_contiguous
             and view.__array_interface__["data"][0] % ALIGNMENT == 0)
+
+
+def _same_bytes(mapped: np.ndarray, views: tuple[np.ndarray, ...]) -> bool:
+    """Whether `views` (an entry's transform of the tensor `mapped`) is one float32 array
+    holding the tensor's bytes in their order: the same layout or a reshape."""
+    return (len(views) == 1 and views[0].dtype == np.float32 and views[0].flags.c_contiguous
+            and views[0].size == mapped.size
+            and views[0].__array_interface__["data"][0] == mapped.__array_interface__["data"][0])
 
 
 class _Scratch:
@@ -226,30 +237,26 @@ class _Scratch:
         return self._source.read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
 
 
-def _host_values(entry: Entry, info: TensorInfo, source: TensorSource, scratch: _Scratch,
-                 allocate: Callable[[tuple[int, ...], Any], np.ndarray]) -> tuple[np.ndarray, ...]:
-    """The float32 host arrays of the parameters `entry` fills from the tensor `info`.
+def _host_values(entry: Entry, info: TensorInfo, views: tuple[np.ndarray, ...], source: TensorSource,
+                 scratch: _Scratch, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The float32 host arrays of the parameters `entry` fills from the tensor `info`;
+    `views`: `entry.load` of the tensor's view of the file's map (only their layout is used).
 
     A float32 tensor whose parameter has its bytes in the same order (same layout, or a
-    reshape) is the view of the file's map itself where the map places it
-    `ALIGNMENT`-aligned (on CPU device_put aliases it: nothing is read now), else it is
-    read straight into an array from `allocate(shape, dtype)`. Any other tensor (a
-    transpose, GPT-2's fused q/k/v, another dtype) is read into the reused scratch buffer
-    and converted by one (strided) copy into each parameter's array. Reads go through the
-    page cache (plain reads), so no page of the file stays in the resident set beside the
-    copy made of it.
+    reshape) is that view itself where the map places it `ALIGNMENT`-aligned (on CPU
+    device_put aliases it: nothing is read now), else it is read straight into an array
+    from `allocate(shape)`. Any other tensor (a transpose, GPT-2's fused q/k/v, another
+    dtype) is read into the reused scratch buffer and converted by one (strided) copy
+    into each parameter's array. Reads go through the page cache (plain reads), so no
+    page of the file stays in the resident set beside the copy made of it.
     """
-    mapped = source.view(info)  # only the layout of its views is looked at here
-    views = entry.load(mapped)
-    if (len(views) == 1 and views[0].dtype == np.float32 and views[0].flags.c_contiguous
-            and views[0].size == mapped.size
-            and views[0].__array_interface__["data"][0] == mapped.__array_interface__["data"][0]):
+    if _same_bytes(source.view(info), views):
         if _aliasable(views[0]):
             return views
-        return (source.read_into(info, allocate(views[0].shape, np.float32)),)
+        return (source.read_into(info, allocate(views[0].shape)),)
     out = []
     for view in entry.load(scratch.read(info)):
-        host = allocate(view.shape, np.float32)
+        host = allocate(view.shape)
         np.copyto(host, view, casting="same_kind")  # bf16/f16/f64 checkpoints: parameters are float32
         out.append(host)
     return tuple(out)
@@ -264,14 +271,16 @@ def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource)
     parameter cost more than the copies into them. The arena lives as long as any
     parameter in it; the rest of the parameters are views of the file's map.
     """
-    sizes = []  # the bytes of every parameter that is read or converted, each slot aligned
+    planned, total = [], 0  # (entry, tensor, views of the map); the arena's bytes, slots aligned
     for e, info in tensors:
-        views = e.load(source.view(info))
-        if not (len(views) == 1 and _aliasable(views[0])):
-            sizes += [-(-v.size * 4 // ALIGNMENT) * ALIGNMENT for v in views]
-    arena, offset = host_empty((sum(sizes),), np.uint8), 0
+        mapped = source.view(info)
+        views = e.load(mapped)
+        planned.append((e, info, views))
+        if not (_same_bytes(mapped, views) and _aliasable(views[0])):
+            total += sum(-(-v.size * 4 // ALIGNMENT) * ALIGNMENT for v in views)
+    arena, offset = host_empty((total,), np.uint8), 0
 
-    def take(shape: tuple[int, ...], dtype) -> np.ndarray:
+    def take(shape: tuple[int, ...]) -> np.ndarray:
         nonlocal offset
         slot = arena[offset:offset + math.prod(shape) * 4].view(np.float32).reshape(shape)
         offset += -(-slot.nbytes // ALIGNMENT) * ALIGNMENT
@@ -279,9 +288,9 @@ def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource)
 
     scratch = _Scratch(source)
     paths, hosts = [], []
-    for e, info in tensors:
+    for e, info, views in planned:
         paths += e.paths
-        hosts += _host_values(e, info, source, scratch, take)
+        hosts += _host_values(e, info, views, source, scratch, take)
     if offset != arena.size:  # the two passes decide alike: a mismatch is a bug here
         raise RuntimeError(f"internal: {offset} of the arena's {arena.size} bytes were used")
     return dict(zip(paths, jax.device_put(hosts)))
