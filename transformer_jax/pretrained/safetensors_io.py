@@ -107,8 +107,8 @@ def host_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array in its own anonymous memory map: page-aligned (so
     `jax.device_put` on CPU aliases it), its pages faulted in by one `MAP_POPULATE` call
     (a fresh array is written once, and faulting it in page by page cost more than the
-    copy into it: 300 MB, 0.15 s of CPU against 0.10 s populated, on a 2-core EPYC; huge
-    pages were slower still, 0.5 s, when the kernel had to compact memory for them).
+    copy into it: 300 MB, 0.15 s of CPU against 0.10 s populated, on a 2-core EPYC VM; fresh
+    huge pages were slower still there, 0.5-0.6 s, only re-used ones cheap).
     Its memory is returned when the array is freed."""
     dtype = np.dtype(dtype)
     nbytes = math.prod(shape) * dtype.itemsize
