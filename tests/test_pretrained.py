@@ -336,3 +336,46 @@ def test_a_failed_sharded_save_leaves_the_previous_one(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         write_checkpoint(out, [(f"t{i}", (1000,), np.float32, produce) for i in range(6)], 8000)
     assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+
+
+def test_a_save_that_fails_or_crashes_never_pairs_new_weights_with_the_old_config(tmp_path, monkeypatch):
+    """A failure while writing (here: config.json's write raises) leaves the previous
+    export byte for byte, and it loads; a crash amid the renames (here: config.json's
+    rename raises, after the new weights are in place) leaves no config.json, so loading
+    refuses with an error rather than pairing the new weights with the old config."""
+    from transformer_jax.pretrained import loader
+
+    pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
+    out = str(tmp_path / "out")
+    save_pretrained(out, pre.model, pre.params)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+    doubled = jax.tree.map(lambda x: x * 2, pre.params)
+    real_write, real_replace = loader.write_tmp_text, os.replace
+
+    def failing_write(file, text):
+        if os.path.basename(file) == "config.json":
+            raise OSError("disk full")
+        return real_write(file, text)
+
+    monkeypatch.setattr(loader, "write_tmp_text", failing_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(out, pre.model, doubled)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before  # no temporaries left
+    jax.tree.map(np.testing.assert_array_equal, from_pretrained(out).params, pre.params)
+    monkeypatch.setattr(loader, "write_tmp_text", real_write)
+
+    def crashing_replace(src, dst):
+        if os.path.basename(dst) == "config.json":
+            raise KeyboardInterrupt  # the process dies between the weights' rename and the config's
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_pretrained(out, pre.model, doubled)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert load_file(os.path.join(out, "model.safetensors"))["transformer.wpe.weight"].tolist() == \
+        (2 * np.asarray(pre.params["embedder"]["position"]["embedding"])).tolist()  # the new weights are in
+    with pytest.raises(ValueError, match="config.json.*missing"):
+        from_pretrained(out)
+    save_pretrained(out, pre.model, doubled)  # saving again completes the directory
+    jax.tree.map(np.testing.assert_array_equal, from_pretrained(out).params, doubled)

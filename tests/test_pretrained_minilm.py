@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,3 +48,22 @@ def test_minilm_embeddings_match_sentence_transformers(minilm):
     cosine = (ours * expected).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(expected, axis=1)
     assert cosine.min() >= 0.9999, cosine
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, rtol=1e-5)
+
+
+def test_minilm_loads_without_its_tokenizer(minilm):
+    """tokenizer=False: the same weights (the independent reference: safetensors' own
+    reader, transposed as torch's nn.Linear stores [out, in]), no tokenizer parsed."""
+    from safetensors.numpy import load_file
+
+    bare = from_pretrained(minilm_path(), tokenizer=False)
+    assert bare.tokenizer is None and minilm.tokenizer is not None
+    assert bare.pooling == minilm.pooling and bare.config == minilm.config
+    tensors = load_file(os.path.join(minilm_path(), "model.safetensors"))
+    layer = bare.params["blocks"]["layer_3"]
+    np.testing.assert_array_equal(layer["mlp"]["wi"]["kernel"],
+                                  tensors["encoder.layer.3.intermediate.dense.weight"].T)
+    np.testing.assert_array_equal(bare.params["embedder"]["token"]["embedding"],
+                                  tensors["embeddings.word_embeddings.weight"])
+    jax.tree.map(np.testing.assert_array_equal, bare.params, minilm.params)
+    with pytest.raises(TypeError, match="tokenizer must be a bool"):
+        from_pretrained(minilm_path(), tokenizer="no")

@@ -8,14 +8,16 @@ so host memory holds at most one converted tensor (and one reused read buffer) b
 the placed parameters. On a CPU backend the placed parameters are the host arrays
 themselves (device_put aliases aligned data): a float32 tensor stored as we store it at
 an aligned offset stays a view of the file's pages, read when first used (see
-`safetensors_io`). A failure raises before anything is returned.
+`safetensors_io`), and every other parameter is a slot of one arena filled at load (see
+`_place_on_cpu`). A failure raises before anything is returned.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -28,11 +30,13 @@ from transformer_jax.config import DTYPES, ModelConfig
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
 from transformer_jax.pretrained.safetensors_io import (
-    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size, read_into,
-    read_tensor, write_checkpoint)
-from transformer_jax.pretrained.sentence import Pooling, read_pooling, write_pooling
+    ALIGNMENT, DEFAULT_MAX_SHARD_SIZE, FLOAT_DTYPES, TensorInfo, TensorSource, host_empty, parse_size,
+    stage_checkpoint, write_tmp_text)
+from transformer_jax.pretrained.sentence import Pooling, pooling_directories, pooling_files, read_pooling
 from transformer_jax.pretrained.tokenizer import HFTokenizer
+from transformer_jax.tokenizers import TOKENIZER_FILE
 
+CONFIG_FILE = "config.json"
 FAMILIES = {t: family for family in (gpt2, bert, llama, marian) for t in family.MODEL_TYPES}
 MODEL_CLASSES = {"decoder_lm": models.DecoderLM, "encoder": models.Encoder,
                  "masked_lm": models.MaskedLM, "encoder_decoder": models.EncoderDecoder,
@@ -69,7 +73,7 @@ class Pretrained(NamedTuple):
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> Pretrained:
+                    mesh: jax.sharding.Mesh | None = None, tokenizer: bool = True) -> Pretrained:
     """Load a Hugging Face model directory (config.json + safetensors weights).
 
     Args:
@@ -80,6 +84,9 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         keeps float32. Parameters are float32 whatever the checkpoint's dtype.
       mesh: place each parameter with the shardings `transformer_jax.sharding` gives it
         on this mesh (under `use_mesh`'s rules), tensor by tensor.
+      tokenizer: False skips tokenizer.json (the result's `tokenizer` is then None), for a
+        caller that needs the weights only (fine-tuning on its own tokens): parsing it is
+        a good part of the load of a small model.
 
     Raises:
       ValueError: a missing directory or file, an unsupported model_type, architecture
@@ -88,9 +95,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
         wrong shape (each named).
     """
     path = os.fspath(path)
+    if not isinstance(tokenizer, bool):
+        raise TypeError(f"tokenizer must be a bool (whether to load tokenizer.json), got {tokenizer!r}")
     if not os.path.isdir(path):
         raise ValueError(f"path={path!r} is not a directory")
-    hf = _read_json(os.path.join(path, "config.json"))
+    hf = _read_json(os.path.join(path, CONFIG_FILE))
     family = _family(hf.get("model_type"))
     pooling = read_pooling(path)
     cfg, kind = family.from_hf(hf, pooling is not None)
@@ -99,9 +108,11 @@ def from_pretrained(path: str | os.PathLike, *, dtype: str | None = None,
             raise ValueError(f"dtype={dtype!r} is not one of {DTYPES}")
         cfg = dataclasses.replace(cfg, dtype=dtype)
     model = _build(kind, cfg, hf)
-    tokenizer = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))  # cheap: before the weights
+    loaded = None
+    if tokenizer:  # before the weights: a bad tokenizer.json fails the load early
+        loaded = HFTokenizer.from_directory(path, hf, _max_length(path, cfg))
     params = _load_params(path, family, cfg, kind, model, mesh)
-    return Pretrained(model, params, tokenizer, cfg, pooling, hf)
+    return Pretrained(model, params, loaded, cfg, pooling, hf)
 
 
 def _family(model_type: Any):
@@ -178,9 +189,10 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     # The tables fill every parameter with its shape (checked by the tests through
     # save_pretrained, which compares against the model's own shapes), so the model is
     # traced for its shapes only when a mesh needs the logical axes for the shardings.
-    scratch = _Scratch()
-    convert = lambda e: _host_values(source.infos[names[e.key]], e, scratch)  # noqa: E731
-    values = ((p, v) for e in table for p, v in zip(e.paths, convert(e)))
+    tensors = [(e, source.infos[names[e.key]]) for e in table]
+    if mesh is None and jax.default_backend() == "cpu":
+        return traverse_util.unflatten_dict(_place_on_cpu(tensors, source))
+    shardings: dict = {}
     if mesh is not None:
         from transformer_jax.sharding import state_shardings
 
@@ -188,54 +200,100 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
         shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract)).items()}
         _check_table(table, shapes)
         shardings = traverse_util.flatten_dict(state_shardings(abstract, mesh))
-        flat = {p: jax.device_put(v, shardings[p]) for p, v in values}
-    elif jax.default_backend() == "cpu":
-        # The host arrays are the parameters (device_put aliases them): one call places all.
-        paths, hosts = zip(*values)
-        flat = dict(zip(paths, jax.device_put(list(hosts))))
-    else:  # an accelerator: each host array is freed once its copy is on the device
-        flat = {p: jax.device_put(v) for p, v in values}
+    scratch, flat = _Scratch(source), {}
+    allocate = lambda shape: host_empty(shape, np.float32)  # noqa: E731
+    for e, info in tensors:  # each host copy is freed once it is on the device(s)
+        views = e.load(source.view(info))
+        for p, host in zip(e.paths, _host_values(e, info, views, source, scratch, allocate)):
+            flat[p] = jax.device_put(host, shardings.get(p))
     return traverse_util.unflatten_dict(flat)
 
 
-class _Scratch:
-    """One reused buffer that tensors needing a conversion are read into (plain reads)."""
+def _aliasable(view: np.ndarray) -> bool:
+    """Whether `view` (of a file's map) can be a CPU parameter as it is: float32, C order,
+    `ALIGNMENT`-aligned (what device_put aliases rather than copies)."""
+    return (view.dtype == np.float32 and view.flags.c_contiguous
+            and view.__array_interface__["data"][0] % ALIGNMENT == 0)
 
-    def __init__(self):
-        self._buffer = np.empty(0, np.uint8)
+
+def _same_bytes(mapped: np.ndarray, views: tuple[np.ndarray, ...]) -> bool:
+    """Whether `views` (an entry's transform of the tensor `mapped`) is one float32 array
+    holding the tensor's bytes in their order: the same layout or a reshape."""
+    return (len(views) == 1 and views[0].dtype == np.float32 and views[0].flags.c_contiguous
+            and views[0].size == mapped.size
+            and views[0].__array_interface__["data"][0] == mapped.__array_interface__["data"][0])
+
+
+class _Scratch:
+    """One reused buffer that tensors needing a conversion are read into."""
+
+    def __init__(self, source: TensorSource):
+        self._source, self._buffer = source, np.empty(0, np.uint8)
 
     def read(self, info: TensorInfo) -> np.ndarray:
         nbytes = info.end - info.begin
         if self._buffer.size < nbytes:
             self._buffer = host_empty((nbytes,), np.uint8)
-        return read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
+        return self._source.read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
 
 
-def _host_values(info: TensorInfo, entry: Entry, scratch: _Scratch) -> tuple[np.ndarray, ...]:
-    """The host arrays (float32, C-contiguous) of the parameters `entry` fills from `info`.
+def _host_values(entry: Entry, info: TensorInfo, views: tuple[np.ndarray, ...], source: TensorSource,
+                 scratch: _Scratch, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The float32 host arrays of the parameters `entry` fills from the tensor `info`;
+    `views`: `entry.load` of the tensor's view of the file's map (only their layout is used).
 
     A float32 tensor whose parameter has its bytes in the same order (same layout, or a
-    reshape) is the memory map itself where the file places it `ALIGNMENT`-aligned (on CPU
-    device_put aliases it: nothing is copied or read now), else it is read straight into
-    a page-aligned array of its own (`host_empty`). Any other tensor (a transpose, GPT-2's
-    fused q/k/v, another dtype) is read into the reused scratch buffer and converted into
-    such arrays. Plain reads go through the page cache, so no mapped page stays in the
-    process's memory beside the copy made of it.
+    reshape) is that view itself where the map places it `ALIGNMENT`-aligned (on CPU
+    device_put aliases it: nothing is read now), else it is read straight into an array
+    from `allocate(shape)`. Any other tensor (a transpose, GPT-2's fused q/k/v, another
+    dtype) is read into the reused scratch buffer and converted by one (strided) copy
+    into each parameter's array. Reads go through the page cache (plain reads), so no
+    page of the file stays in the resident set beside the copy made of it.
     """
-    mapped = read_tensor(info)  # a memory map: only the layout of the views is looked at here
-    views = entry.load(mapped)
-    if (info.dtype == np.float32 and len(views) == 1 and views[0].flags.c_contiguous
-            and views[0].nbytes == mapped.nbytes and views[0].ctypes.data == mapped.ctypes.data):
-        if mapped.ctypes.data % ALIGNMENT == 0:
+    if _same_bytes(source.view(info), views):
+        if _aliasable(views[0]):
             return views
-        return (read_into(info, host_empty(views[0].shape, np.float32)),)
-    del views, mapped
+        return (source.read_into(info, allocate(views[0].shape)),)
     out = []
     for view in entry.load(scratch.read(info)):
-        host = host_empty(view.shape, np.float32)
+        host = allocate(view.shape)
         np.copyto(host, view, casting="same_kind")  # bf16/f16/f64 checkpoints: parameters are float32
         out.append(host)
     return tuple(out)
+
+
+def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource) -> dict:
+    """The CPU parameters that `tensors` fill, placed by one device_put (which aliases
+    every host array: no copy).
+
+    The arrays `_host_values` allocates are slots of one arena, a single page-aligned
+    allocation whose pages are faulted in by one call (`host_empty`): one allocation per
+    parameter cost more than the copies into them. The arena lives as long as any
+    parameter in it; the rest of the parameters are views of the file's map.
+    """
+    planned, total = [], 0  # (entry, tensor, views of the map); the arena's bytes, slots aligned
+    for e, info in tensors:
+        mapped = source.view(info)
+        views = e.load(mapped)
+        planned.append((e, info, views))
+        if not (_same_bytes(mapped, views) and _aliasable(views[0])):
+            total += sum(-(-v.size * 4 // ALIGNMENT) * ALIGNMENT for v in views)
+    arena, offset = host_empty((total,), np.uint8), 0
+
+    def take(shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal offset
+        slot = arena[offset:offset + math.prod(shape) * 4].view(np.float32).reshape(shape)
+        offset += -(-slot.nbytes // ALIGNMENT) * ALIGNMENT
+        return slot
+
+    scratch = _Scratch(source)
+    paths, hosts = [], []
+    for e, info, views in planned:
+        paths += e.paths
+        hosts += _host_values(e, info, views, source, scratch, take)
+    if offset != arena.size:  # the two passes decide alike: a mismatch is a bug here
+        raise RuntimeError(f"internal: {offset} of the arena's {arena.size} bytes were used")
+    return dict(zip(paths, jax.device_put(hosts)))
 
 
 def family_for(model: nn.Module):
@@ -266,12 +324,14 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     or where they exceed `max_shard_size` (bytes, or a string such as "2GB", "500MB";
     default "50GB" as transformers) shards model-00001-of-0000N.safetensors with their
     index model.safetensors.index.json, as transformers shards (a tensor larger than the
-    limit gets a shard of its own). Each file is written under a temporary name and the
-    weights are swapped in at the end (see `safetensors_io.write_checkpoint`): the
-    directory holds the previous weights or the new ones, never a mix; the previous
-    save's weight files the new one does not use are removed. Also writes
-    tokenizer.json + tokenizer_config.json when `tokenizer` is given, and
-    modules.json + 1_Pooling/config.json when `pooling` is. Other files in `path` stay.
+    limit gets a shard of its own). Also writes tokenizer.json + tokenizer_config.json
+    when `tokenizer` is given, and modules.json + 1_Pooling/config.json when `pooling` is.
+    Other files in `path` stay. Over a previous save, every file is written under a
+    temporary name first (a failure meanwhile leaves the previous save whole), then put
+    in place with config.json removed first and renamed in last: a crash amid those
+    renames leaves no config.json (loading fails with an error naming it), never the new
+    weights beside the old config; the previous save's weight files the new one does not
+    use are removed (see `safetensors_io.StagedCheckpoint.commit`).
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into
     config.json as they are; the tokenizer's special ids fill the ones not given.
     Marian needs `pad_token_id` (transformers refuses a Marian config without a valid one).
@@ -298,21 +358,40 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
         wrong = sorted(set(shapes) ^ set(got)) or sorted(p for p in shapes if shapes[p] != got[p])
         raise ValueError(f"params do not match the model built from its config: e.g. {'/'.join(wrong[0])}")
     table = family.entries(cfg, kind, *_classes(model))
-    os.makedirs(path, exist_ok=True)
-    tensors = [(e.key, e.shape, np.float32,
-                lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
-               for e in table]
-    write_checkpoint(path, tensors, max_shard_size)
     hf = {**family.to_hf(cfg, kind, *_classes(model)), "torch_dtype": "float32", "dtype": "float32", **(token_ids or {})}
+    files = {}  # name (relative to path) -> text, written beside the weights
     if tokenizer is not None:
         for name, value in (("pad_token_id", tokenizer.pad_id), ("bos_token_id", tokenizer.bos_id),
                             ("eos_token_id", tokenizer.eos_id)):
             if value >= 0:
                 hf.setdefault(name, value)
-        tokenizer.save(path)
-    _write_json(os.path.join(path, "config.json"), hf)
+        files.update(tokenizer.files() if isinstance(tokenizer, HFTokenizer) else {TOKENIZER_FILE: tokenizer.to_json()})
     if pooling is not None:
-        write_pooling(path, pooling, cfg.d_model)
+        files.update(pooling_files(pooling, cfg.d_model))
+    files[CONFIG_FILE] = json.dumps(hf, indent=2)
+    for directory in [path, *(os.path.join(path, d) for d in (pooling_directories(pooling) if pooling else ()))]:
+        os.makedirs(directory, exist_ok=True)
+    tensors = [(e.key, e.shape, np.float32,
+                lambda e=e: e.save(*(np.asarray(jax.device_get(flat[p]), np.float32) for p in e.paths)))
+               for e in table]
+    # Everything is written under temporary names first: a failure meanwhile leaves the
+    # previous save as it was. Then config.json goes first out and last in, so a crash in
+    # the renames between leaves a directory without config.json, which from_pretrained and
+    # transformers refuse with an error, never new weights with the old config (or the reverse).
+    staged, temps = stage_checkpoint(path, tensors, max_shard_size), {}
+    try:
+        for name, text in files.items():
+            temps[name] = write_tmp_text(os.path.join(path, name), text)
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            os.remove(os.path.join(path, CONFIG_FILE))
+        staged.commit()
+        for name in sorted(files, key=lambda n: n == CONFIG_FILE):  # config.json last
+            os.replace(temps.pop(name), os.path.join(path, name))
+    finally:
+        staged.discard()
+        for tmp in temps.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
 
 
@@ -327,10 +406,3 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"{path!r} does not hold a JSON object")
     return data
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)

@@ -78,8 +78,9 @@ def _read_mode(path: str) -> str:
     return _MODES[on[0]]
 
 
-def write_pooling(directory: str, pooling: Pooling, d_model: int) -> None:
-    """Write modules.json and 1_Pooling/config.json for `pooling`."""
+def pooling_files(pooling: Pooling, d_model: int) -> dict[str, str]:
+    """The files of a sentence-transformers directory that record `pooling`, name (relative
+    to the directory) -> text: modules.json and 1_Pooling/config.json."""
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
     if pooling.normalize:
@@ -88,15 +89,10 @@ def write_pooling(directory: str, pooling: Pooling, d_model: int) -> None:
     config = {"word_embedding_dimension": d_model,
               **{k: pooling.mode == v for k, v in _MODES.items()},
               "pooling_mode_mean_sqrt_len_tokens": False}
-    os.makedirs(os.path.join(directory, "1_Pooling"), exist_ok=True)
-    if pooling.normalize:
-        os.makedirs(os.path.join(directory, "2_Normalize"), exist_ok=True)
-    for file, data in ((MODULES_FILE, modules), (os.path.join("1_Pooling", "config.json"), config)):
-        _write_json(os.path.join(directory, file), data)
+    return {MODULES_FILE: json.dumps(modules, indent=2),
+            os.path.join("1_Pooling", "config.json"): json.dumps(config, indent=2)}
 
 
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+def pooling_directories(pooling: Pooling) -> list[str]:
+    """The module directories a sentence-transformers directory with `pooling` holds."""
+    return ["1_Pooling", *(["2_Normalize"] if pooling.normalize else [])]

@@ -13,7 +13,10 @@ from typing import Sequence
 
 import numpy as np
 
-from transformer_jax.tokenizers import Tokenizer
+from transformer_jax.run_dir import write_atomic
+from transformer_jax.tokenizers import TOKENIZER_FILE, Tokenizer
+
+CONFIG_FILE = "tokenizer_config.json"
 
 # Names a special token goes by in the files of common models.
 _SPECIALS = {
@@ -74,9 +77,9 @@ class HFTokenizer(Tokenizer):
         the same ids, special tokens and maximum length."""
         from tokenizers import Tokenizer as _HF
 
-        with open(os.path.join(directory, "tokenizer_config.json"), encoding="utf-8") as f:
+        with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as f:
             config = json.load(f)
-        with open(os.path.join(directory, "tokenizer.json"), encoding="utf-8") as f:
+        with open(os.path.join(directory, TOKENIZER_FILE), encoding="utf-8") as f:
             text = f.read()
         vocab = _HF.from_str(text)
         specials = {n: vocab.token_to_id(config[f"{n}_token"]) for n in ("pad", "bos", "eos", "mask")
@@ -113,13 +116,18 @@ class HFTokenizer(Tokenizer):
         """The tokenizer.json text as it was read."""
         return self._json
 
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads."""
-        path = super().save(directory)
+    def files(self) -> dict[str, str]:
+        """The files `save` writes, name -> text: tokenizer.json as it was read, and a
+        tokenizer_config.json that transformers' AutoTokenizer reads (special tokens, maximum length)."""
         names = {n: self._hf.id_to_token(i) for n, i in
                  (("pad_token", self.pad_id), ("bos_token", self.bos_id), ("eos_token", self.eos_id),
                   ("mask_token", self.mask_id)) if i >= 0}
         config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": self.max_length, **names}
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-        return path
+        return {TOKENIZER_FILE: self._json, CONFIG_FILE: json.dumps(config, indent=2)}
+
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write `files()` into `directory` (each atomically); return tokenizer.json's path."""
+        os.makedirs(directory, exist_ok=True)
+        for name, text in self.files().items():
+            write_atomic(os.path.join(directory, name), text)
+        return os.path.join(directory, TOKENIZER_FILE)

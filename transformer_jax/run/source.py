@@ -67,7 +67,7 @@ def hf_params(path: str) -> Any:
 
     from transformer_jax.pretrained import from_pretrained
 
-    pre = from_pretrained(path)
+    pre = from_pretrained(path, tokenizer=False)  # the weights only
     params = jax.tree.map(np.asarray, pre.params)
     kind = hf_architecture(path)[1]
     if kind == "encoder":
