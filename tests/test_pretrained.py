@@ -268,6 +268,27 @@ def test_bfloat16_checkpoint_loads_as_float32(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, pre.params, rounded)
 
 
+
+def test_writer_keeps_every_whole_multiple_of_64_bytes_aligned(tmp_path):
+    """The format allows no gaps between tensors: an odd-sized one (a 3-float bias) must
+    not shift the 64-byte multiples after it, which then load without a copy. The
+    safetensors library is the reference reader."""
+    from transformer_jax.pretrained.safetensors_io import write_file
+
+    rng = np.random.default_rng(0)
+    tensors = {"a_bias": rng.standard_normal(3, np.float32), "b_kernel": rng.standard_normal((4, 16), np.float32),
+               "c_odd": rng.standard_normal(5, np.float32), "d_kernel": rng.standard_normal((2, 32), np.float32)}
+    file = os.path.join(tmp_path, "model.safetensors")
+    write_file(file, [(k, v.shape, v.dtype, lambda v=v: v) for k, v in tensors.items()])
+    for name, info in read_header(file).items():
+        assert info.end - info.begin == tensors[name].nbytes
+        if tensors[name].nbytes % 64 == 0:
+            assert info.begin % 64 == 0, (name, info.begin)
+    again = load_file(file)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(again[name], value)
+
+
 # ---------------------------------------------------------------- sharded saves
 
 

@@ -216,7 +216,9 @@ def write_file(file: str, tensors: Tensors, metadata: dict[str, str] | None = No
 
 def _write_tmp(file: str, tensors: Tensors, metadata: dict[str, str] | None = None) -> str:
     """Write the safetensors file `file` under a temporary name beside it; return that name."""
-    tensors = list(tensors)
+    # Whole multiples of ALIGNMENT first: the format allows no gaps, so one odd-sized tensor
+    # would misalign every tensor after it, and those could no longer alias the file on load.
+    tensors = sorted(tensors, key=lambda t: math.prod(t[1]) * np.dtype(t[2]).itemsize % ALIGNMENT != 0)
     header: dict = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for name, shape, dtype, _ in tensors:
