@@ -200,10 +200,11 @@ def _skipgram_terms(w_in, w_out, batch: Batch):
     # positives and negatives gathered (and scattered) separately: no [.., K+1, d] copies
     v, u_pos, u_neg = w_in[batch.centre], w_out[batch.context], w_out[batch.negatives]
     shared = u_neg.ndim == 3
-    # broadcast-multiply-sum: XLA:CPU runs these batched row dots far faster than as einsum
+    # broadcast-multiply-sum: XLA:CPU runs these [B, C] / [B, K] row dots faster than as
+    # einsum; the per-pair [B, C, K, d] ones as dots, which do not write v out C*K times
     pos = (v[:, None, :] * u_pos).sum(-1)                                   # [B, C]
     neg = ((v[:, None, :] * u_neg).sum(-1)[:, None, :] if shared
-           else (v[:, None, None, :] * u_neg).sum(-1))                      # [B, C, K]
+           else jnp.einsum("bckd,bd->bck", u_neg, v))                       # [B, C, K]
     l_pos, e_pos, c_pos = _sigmoid_terms(pos, 1.0, cmask)
     l_neg, e_neg, c_neg = _sigmoid_terms(neg, 0.0, nmask)
     v_sq = _sq(v)
@@ -214,7 +215,7 @@ def _skipgram_terms(w_in, w_out, batch: Batch):
         g_neg = e_n[..., None] * v[:, None, :]
     else:
         e_n, c_n, n_n = e_neg, c_neg, nmask
-        g_v = (e_pos[..., None] * u_pos).sum(1) + (e_neg[..., None] * u_neg).sum((1, 2))
+        g_v = (e_pos[..., None] * u_pos).sum(1) + jnp.einsum("bck,bckd->bd", e_neg, u_neg)
         h_v = (c_pos * _sq(u_pos)).sum(1) + (c_neg * _sq(u_neg)).sum((1, 2))
         g_neg = e_n[..., None] * v[:, None, None, :]
     updates_in = (batch.centre, g_v, h_v, (cmask.sum(1) + nmask.sum((1, 2))).astype(v.dtype))
