@@ -173,7 +173,7 @@ def sgd_update(params: dict, batch: Batch, lr: jax.Array, *, cbow: bool,
             if row_rule == "sum":
                 step = -lr * grads
             else:
-                r = per_row.at[rows].get(mode="fill", fill_value=0)
+                r = per_row[rows]  # an entry past the table reads a clamped row: dropped below
                 scale = 1.0 / (1.0 + lr * r) if row_rule == "implicit" else 1.0 / jnp.maximum(r, 1.0)
                 step = (-lr * scale)[:, None] * grads
             table = table.at[rows].add(step, mode="drop")
