@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="split each batch into this many sequential micro-batches")
     opt.add_argument("--lr", type=positive_float, default=None,
                      help="peak learning rate (default: 2e-3 on CPU, 1e-3 on accelerators; "
-                          "a tenth of that with --init-from)")
+                          "a tenth of that with --init-from; word vectors: 0.05, for cbow and "
+                          "skipgram times sqrt(batch/1024) above 1,024 centres per step)")
     opt.add_argument("--warmup-steps", type=nonneg_int, default=None,
                      help="linear warmup (default: 5%% of --decay-steps, at most 200)")
     opt.add_argument("--decay-steps", type=positive_int, default=None,

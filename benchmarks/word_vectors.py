@@ -231,7 +231,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=1024, help="word2vec centres per step")
     p.add_argument("--glove-batch-size", type=int, default=4096)
     p.add_argument("--learning-rate", type=float, default=None, help="word2vec's initial alpha "
-                   "(default: 0.025, times sqrt(batch / 1024) above 1,024)")
+                   "(default: ours, WordVectorConfig's: 0.05, times sqrt(batch / 1024) above 1,024; "
+                   "gensim keeps its own 0.025)")
     p.add_argument("--row-update", default="implicit", choices=("implicit", "sum", "mean"),
                    help="how one batch's word2vec updates of a row combine (sgns.sgd_update)")
     p.add_argument("--seeds", default="0", help="comma-separated: quality as mean ± std over them")

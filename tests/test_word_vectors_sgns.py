@@ -251,9 +251,9 @@ def test_huge_batch_for_the_vocabulary_stays_finite_and_separates_topics(rule, s
 
 def test_default_rate_grows_with_the_square_root_of_the_batch_and_row_update_is_checked():
     from transformer_jax.word_vectors.config import WordVectorConfig
-    assert WordVectorConfig(objective="cbow", batch_size=512).lr == 0.025
-    assert WordVectorConfig(objective="skipgram", batch_size=1024).lr == 0.025
-    assert WordVectorConfig(objective="skipgram", batch_size=16384).lr == pytest.approx(0.025 * 4)
+    assert WordVectorConfig(objective="cbow", batch_size=512).lr == 0.05
+    assert WordVectorConfig(objective="skipgram", batch_size=1024).lr == 0.05
+    assert WordVectorConfig(objective="skipgram", batch_size=16384).lr == pytest.approx(0.05 * 4)
     assert WordVectorConfig(objective="glove", batch_size=65536).lr == 0.05
     assert WordVectorConfig(batch_size=16384, learning_rate=0.01).lr == 0.01
     assert WordVectorConfig.from_dict(WordVectorConfig(row_update="mean").to_dict()).row_update == "mean"

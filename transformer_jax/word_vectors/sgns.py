@@ -149,6 +149,8 @@ def sgd_update(params: dict, batch: Batch, lr: jax.Array, *, cbow: bool,
     - "mean": ``-lr * mean_i g_i`` per row (one step per row and batch; rows hit often
       learn more slowly as the batch grows).
 
+    An entry's row ``>= V`` (a masked CBOW context slot) is skipped.
+
     params: {"input": [V, d], "output": [V, d]} float32. Returns
     ``(new_params, summed_loss, number_of_positive_pairs)``.
     """
@@ -164,16 +166,17 @@ def sgd_update(params: dict, batch: Batch, lr: jax.Array, *, cbow: bool,
             # curvature (implicit) or number of word2vec updates (mean) of each entry, summed per row
             per_row = jnp.zeros((v,), table.dtype)
             for rows, _, curvature, hits in entries:
-                per_row = per_row.at[rows.reshape(-1)].add((curvature if row_rule == "implicit" else hits).reshape(-1))
+                per_row = per_row.at[rows.reshape(-1)].add(
+                    (curvature if row_rule == "implicit" else hits).reshape(-1), mode="drop")
         for rows, grads, _, _ in entries:
             rows, grads = rows.reshape(-1), grads.reshape(-1, grads.shape[-1])
             if row_rule == "sum":
                 step = -lr * grads
             else:
-                r = per_row[rows]
+                r = per_row[rows]  # an entry past the table reads a clamped row: dropped below
                 scale = 1.0 / (1.0 + lr * r) if row_rule == "implicit" else 1.0 / jnp.maximum(r, 1.0)
                 step = (-lr * scale)[:, None] * grads
-            table = table.at[rows].add(step)
+            table = table.at[rows].add(step, mode="drop")
         new[name] = table
     return new, value, pairs
 
@@ -197,10 +200,11 @@ def _skipgram_terms(w_in, w_out, batch: Batch):
     # positives and negatives gathered (and scattered) separately: no [.., K+1, d] copies
     v, u_pos, u_neg = w_in[batch.centre], w_out[batch.context], w_out[batch.negatives]
     shared = u_neg.ndim == 3
-    # broadcast-multiply-sum: XLA:CPU runs these batched row dots far faster than as einsum
+    # broadcast-multiply-sum: XLA:CPU runs these [B, C] / [B, K] row dots faster than as
+    # einsum; the per-pair [B, C, K, d] ones as dots, which do not write v out C*K times
     pos = (v[:, None, :] * u_pos).sum(-1)                                   # [B, C]
     neg = ((v[:, None, :] * u_neg).sum(-1)[:, None, :] if shared
-           else (v[:, None, None, :] * u_neg).sum(-1))                      # [B, C, K]
+           else jnp.einsum("bckd,bd->bck", u_neg, v))                       # [B, C, K]
     l_pos, e_pos, c_pos = _sigmoid_terms(pos, 1.0, cmask)
     l_neg, e_neg, c_neg = _sigmoid_terms(neg, 0.0, nmask)
     v_sq = _sq(v)
@@ -211,7 +215,7 @@ def _skipgram_terms(w_in, w_out, batch: Batch):
         g_neg = e_n[..., None] * v[:, None, :]
     else:
         e_n, c_n, n_n = e_neg, c_neg, nmask
-        g_v = (e_pos[..., None] * u_pos).sum(1) + (e_neg[..., None] * u_neg).sum((1, 2))
+        g_v = (e_pos[..., None] * u_pos).sum(1) + jnp.einsum("bck,bckd->bd", e_neg, u_neg)
         h_v = (c_pos * _sq(u_pos)).sum(1) + (c_neg * _sq(u_neg)).sum((1, 2))
         g_neg = e_n[..., None] * v[:, None, None, :]
     updates_in = (batch.centre, g_v, h_v, (cmask.sum(1) + nmask.sum((1, 2))).astype(v.dtype))
@@ -226,18 +230,25 @@ def _cbow_terms(w_in, w_out, batch: Batch):
     ``h`` the mean of the valid context input vectors; every valid context word receives
     the full gradient of ``h`` (word2vec's rule, see ``sgd_update``)."""
     cmask, nmask = batch.context_mask, batch.negative_mask
-    x_ctx, u_c, u_neg = w_in[batch.context], w_out[batch.centre], w_out[batch.negatives]
+    # masked context slots point past the table: gathered as zeros, their updates dropped
+    # (no [B, 2W, d] mask multiplies, and no scatter work for them)
+    ctx_rows = jnp.where(cmask, batch.context, w_in.shape[0])
+    x_ctx = w_in.at[ctx_rows].get(mode="fill", fill_value=0)
+    u_c, u_neg = w_out[batch.centre], w_out[batch.negatives]
     count = cmask.sum(1)
     has = count > 0
-    h = (cmask[..., None].astype(x_ctx.dtype) * x_ctx).sum(1) / jnp.maximum(count, 1)[:, None].astype(x_ctx.dtype)
+    h = x_ctx.sum(1) / jnp.maximum(count, 1)[:, None].astype(x_ctx.dtype)
     pos = (h * u_c).sum(-1)                                                 # [B]
     neg = (h[:, None, :] * u_neg).sum(-1)                                   # [B, K]
     l_pos, e_pos, c_pos = _sigmoid_terms(pos, 1.0, has)
     l_neg, e_neg, c_neg = _sigmoid_terms(neg, 0.0, nmask)
-    g_h = e_pos[:, None] * u_c + (e_neg[..., None] * u_neg).sum(1)          # word2vec's neu1e / -alpha
+    # word2vec's neu1e / -alpha. As a dot, XLA:CPU computes it once; as multiply-and-sum it
+    # fused the sum into the [B, 2W, d] update below and redid it for every context slot
+    g_h = e_pos[:, None] * u_c + jnp.einsum("bk,bkd->bd", e_neg, u_neg)
     h_h = c_pos * _sq(u_c) + (c_neg * _sq(u_neg)).sum(1)
-    fmask = cmask.astype(h.dtype)
-    updates_in = (batch.context, fmask[..., None] * g_h[:, None, :], fmask * h_h[:, None], fmask)
+    shape = cmask.shape
+    updates_in = (ctx_rows, jnp.broadcast_to(g_h[:, None, :], (*shape, g_h.shape[-1])),
+                  jnp.broadcast_to(h_h[:, None], shape), jnp.ones(shape, h.dtype))
     h_sq = _sq(h)
     out_pos = (batch.centre, e_pos[:, None] * h, c_pos * h_sq, has.astype(h.dtype))
     out_neg = (batch.negatives, e_neg[..., None] * h[:, None, :], c_neg * h_sq[:, None], nmask.astype(h.dtype))
