@@ -1,10 +1,11 @@
 """Blockwise attention vs PyTorch's scaled_dot_product_attention on CPU, forward+backward.
 
-Both run in this one process, alternating, one thread each (pin the process to a core
-with `taskset -c 1`), on the same random inputs (float32, [batch, seq, heads, head_dim]).
-Prints the median (or, with --statistic min, the least) seconds of each over --repeats
-runs after a warm-up, and the ratio
-ours / torch; checks first that the two outputs and gradients agree.
+Both run in this one process, alternating run by run, one thread each (pin the process
+to a core with `taskset -c 1`), on the same random inputs (float32, [batch, seq, heads,
+head_dim]). Prints the median (or, with --statistic min, the least) over --repeats runs
+after a warm-up of each one's CPU seconds (process time: what the issue's "CPU cost"
+means, and steadier than wall time on a machine shared with other jobs) and wall seconds,
+and the ratios ours / torch; checks first that the two outputs and gradients agree.
 
 Usage (torch comes from the peers environment, which also has jax):
   taskset -c 1 env PYTHONPATH=. /work/venv-peers/bin/python benchmarks/compare_torch_attention.py \
@@ -15,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 
 import statistics  # noqa: E402
 import time  # noqa: E402
@@ -42,14 +43,20 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def seconds(fn, repeats: int, statistic: str) -> float:
-    fn()  # warm-up (and compilation)
-    times = []
+def alternate(fns, repeats: int, statistic: str) -> list[tuple[float, float]]:
+    """(CPU seconds, wall seconds) of each function, run in turn `repeats` times after a
+    warm-up, so that a change in the machine's load falls on all of them alike."""
+    for fn in fns:
+        fn()  # warm-up (and compilation)
+    cpu, wall = [[] for _ in fns], [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) if statistic == "median" else min(times)
+        for i, fn in enumerate(fns):
+            cpu_start, wall_start = time.process_time(), time.perf_counter()
+            fn()
+            wall[i].append(time.perf_counter() - wall_start)
+            cpu[i].append(time.process_time() - cpu_start)
+    pick = statistics.median if statistic == "median" else min
+    return [(pick(c), pick(w)) for c, w in zip(cpu, wall)]
 
 
 def main() -> None:
@@ -86,10 +93,11 @@ def main() -> None:
         error = max(float(np.abs(np.asarray(a) - b).max()) for a, b in
                     [(out, t_out)] + [(g, x.grad.transpose(1, 2).numpy()) for g, x in zip(grads, (tq, tk, tv))])
         assert error < 1e-3, f"outputs or gradients disagree by {error}"
-        ours_s = seconds(lambda: jax.block_until_ready(ours_jit(jq, jk, jv, jd)), args.repeats, args.statistic)
-        theirs_s = seconds(theirs, args.repeats, args.statistic)
-        print(f"n={n} blockwise_fwd_bwd_s={ours_s:.4f} torch_sdpa_fwd_bwd_s={theirs_s:.4f} "
-              f"ratio={ours_s / theirs_s:.2f} max_abs_diff={error:.1e}")
+        (ours_cpu, ours_wall), (theirs_cpu, theirs_wall) = alternate(
+            [lambda: jax.block_until_ready(ours_jit(jq, jk, jv, jd)), theirs], args.repeats, args.statistic)
+        print(f"n={n} cpu_s: blockwise={ours_cpu:.4f} torch={theirs_cpu:.4f} ratio={ours_cpu / theirs_cpu:.2f} | "
+              f"wall_s: blockwise={ours_wall:.4f} torch={theirs_wall:.4f} ratio={ours_wall / theirs_wall:.2f} | "
+              f"max_abs_diff={error:.1e}", flush=True)
 
 
 if __name__ == "__main__":
