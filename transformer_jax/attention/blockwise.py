@@ -25,15 +25,20 @@ from transformer_jax.attention import masks
 
 
 
-def default_block_sizes() -> tuple[int, int]:
+def default_block_sizes(is_causal: bool = False) -> tuple[int, int]:
     """(block_q, block_k) when the caller gives none.
 
-    CPU: 256 x 256 did best overall in a rough (noisy, shared 2-core) sweep of 128..512.
+    CPU: 512 x 512 without a causal mask, 256 x 256 with one. Measured forward+backward
+    against 256 x 256, 256 x 512 and 512 x 256 at n = 2048-8192, d = 64 (benchmarks/RESULTS.md,
+    "Blockwise vs torch SDPA"): larger blocks run the block products a little faster
+    (2-4%), while causal attention pays for them in masked work on the diagonal blocks.
     Accelerators: 1024 x 1024, because every block is one step of a sequential loop and
     per-step overhead (kernel launches, loop predicate) dominates small blocks there;
     a guess, not yet measured on a GPU.
     """
-    return (256, 256) if jax.default_backend() == "cpu" else (1024, 1024)
+    if jax.default_backend() != "cpu":
+        return (1024, 1024)
+    return (256, 256) if is_causal else (512, 512)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,13 +80,13 @@ def attend(
       q: [T, d]; k, v: [S, d]. bias (float) / mask (bool): broadcastable to [T, S] or None.
       seq: lengths and full-length segment ids of this sequence. seed: uint32 [2] or None.
       block_sizes: (block_q, block_k), clipped to the sequence lengths; default
-        `default_block_sizes()`.
+        `default_block_sizes(is_causal)`.
     Returns:
       out [T, d] in q's dtype and the per-row log-sum-exp [T] (`masks.lowest` on rows with
       nothing to attend to; not differentiated).
     """
     t, s = q.shape[0], k.shape[0]
-    block_q, block_k = block_sizes or default_block_sizes()
+    block_q, block_k = block_sizes or default_block_sizes(is_causal)
     block_q, block_k = min(block_q, t), min(block_k, s)
     t_pad, s_pad = -t % block_q, -s % block_k
 
