@@ -181,6 +181,10 @@ GRID = {
     "plain": Case(),
     "causal-gqa": Case(heads=4, kv_heads=2, is_causal=True, q_len=7, kv_len=7),
     "causal-cross": Case(is_causal=True, q_len=7, kv_len=4),
+    # causality the only mask and kv_len a multiple of block_k: blockwise leaves the blocks
+    # off the diagonal unmasked (forward and backward), for wide and for tall blocks
+    "causal-blocks": Case(is_causal=True, q_len=7, kv_len=6, block_sizes=(2, 3), bias=True),
+    "causal-blocks-tall": Case(is_causal=True, q_len=9, kv_len=8, block_sizes=(3, 2)),
     "window": Case(window=(2, 1), q_len=9, kv_len=9, block_sizes=(2, 2)),
     "causal-window": Case(is_causal=True, window=(3, 2), q_len=11, kv_len=11, block_sizes=(4, 3)),
     "lengths": Case(lengths=True, is_causal=True, batch=3),
