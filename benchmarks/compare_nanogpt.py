@@ -167,7 +167,7 @@ def run_loop(args, one_step, state, evaluate) -> dict:
 def child(args, side: str) -> dict:
     """Runs one side pinned to --core with one thread; returns its JSON result."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
+           "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--result", result.name]
