@@ -6,7 +6,8 @@
 For A/B runs of two source trees side by side (run it pinned to one core with one thread,
 as compare_nanogpt.py does, alternating the trees); nanoGPT is not needed. Random token
 batches (vocabulary 96); the median of --steps steps after the compiling one, process CPU
-clock (and the minimum, steadier on a loaded machine). --hlo writes the compiled step's HLO text (fusions, dots) for inspection.
+clock (and the minimum, steadier on a loaded machine). --hlo writes the compiled step's HLO
+text (fusions, dots) for inspection.
 """
 from __future__ import annotations
 
