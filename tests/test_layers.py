@@ -150,6 +150,38 @@ def test_norms_match_numpy(norm):
     np.testing.assert_allclose(jax.jit(module.apply)({"params": params}, x), expected, rtol=1e-4, atol=1e-5)
 
 
+def test_layer_norm_derivatives_match_float64_finite_differences():
+    """LayerNorm's closed-form derivative (a custom_jvp): the full Jacobian in forward mode
+    (jacfwd) and reverse mode (jacrev), with respect to the input, scale and bias, against
+    central differences of a float64 NumPy layer norm."""
+    cfg = get_config("tiny", norm="layernorm", layer_norm_eps=1e-5)
+    x = normal(6, (2, 3, cfg.d_model), loc=3.0)
+    module = make_norm(cfg)
+    params = init_params(module, 7, x)
+
+    def numpy_norm(x, scale, bias):
+        centred = x - x.mean(-1, keepdims=True)
+        return centred / np.sqrt((centred**2).mean(-1, keepdims=True) + 1e-5) * scale + bias
+
+    flat = np.concatenate([np.ravel(x), params["scale"], params["bias"]]).astype(np.float64)
+    sizes = np.cumsum([x.size, cfg.d_model])
+
+    def f64(v):
+        xs, scale, bias = np.split(v, sizes)
+        return np.ravel(numpy_norm(xs.reshape(x.shape), scale, bias))
+
+    h = 1e-6
+    expected = np.stack([(f64(flat + h * e) - f64(flat - h * e)) / (2 * h) for e in np.eye(flat.size)], axis=1)
+
+    def f32(v):
+        xs, scale, bias = jnp.split(v, sizes)
+        return jnp.ravel(module.apply({"params": {"scale": scale, "bias": bias}}, xs.reshape(x.shape)))
+
+    v = jnp.asarray(flat, jnp.float32)
+    for jacobian in (jax.jacfwd, jax.jacrev):
+        np.testing.assert_allclose(jax.jit(jacobian(f32))(v), expected, rtol=1e-4, atol=2e-5, err_msg=str(jacobian))
+
+
 def attention_reference(p, xq, xkv, cfg, mask, rotary_positions=None):
     """Multi-head attention in float64: projections, GQA by repeating kv heads, softmax."""
     q = np.einsum("btd,dhk->bthk", xq, p["query"]["kernel"]) + p["query"]["bias"]

@@ -51,10 +51,23 @@ def lift(
         args.append((seeds, (False, False, False)))
 
     fn = per_head
-    for level in (2, 1, 0):  # innermost vmap first: groups, kv heads, batch
+    if groups == 1:  # no group axis: 4-D arrays, which XLA's CPU backend fuses better than 5-D
+        args = [(x if x is None or not mapped[2] else _squeeze_group(x, mapped), mapped) for x, mapped in args]
+        levels = (1, 0)
+    else:
+        levels = (2, 1, 0)
+    for level in levels:  # innermost vmap first: groups, kv heads, batch
         fn = jax.vmap(fn, in_axes=tuple(0 if mapped[level] else None for _, mapped in args))
-    out, lse = fn(*(x for x, _ in args))  # [B, K, G, T, d], [B, K, G, T]
+    out, lse = fn(*(x for x, _ in args))  # [B, K, G, T, d], [B, K, G, T] (no G axis when G == 1)
+    if groups == 1:
+        out, lse = out[:, :, None], lse[:, :, None]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, out.shape[-1]), lse.transpose(0, 3, 1, 2).reshape(b, t, n)
+
+
+def _squeeze_group(x: jax.Array, mapped: tuple[bool, bool, bool]) -> jax.Array:
+    """Drop the size-1 group axis of an operand mapped over groups (it follows batch and
+    kv-head axes where those are mapped)."""
+    return jnp.squeeze(x, axis=int(mapped[0]) + int(mapped[1]))
 
 
 def _per_head_operand(x, b, n, kv_heads, groups):

@@ -166,10 +166,13 @@ def _attention_bwd(config, residuals, cotangents):
         d_bias = _unbroadcast(d_logits, bias.shape).astype(bias.dtype)
     if tanh is not None:
         d_logits = d_logits * (1.0 - tanh * tanh)
-    d_logits = d_logits * jnp.asarray(config.scale, stat)
+    # The logit scale is applied to the [T, d] products, not to the [T, S] matrix (XLA's CPU
+    # backend materialises a scalar broadcast to [T, S] for the fused dot that reads it).
+    scale = jnp.asarray(config.scale, stat)
     d_q = jnp.einsum("ts,sd->td", d_logits.astype(k.dtype), k, precision=precision, preferred_element_type=stat)
     d_k = jnp.einsum("ts,td->sd", d_logits.astype(q.dtype), q, precision=precision, preferred_element_type=stat)
-    return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), d_bias, None, None, None
+    return ((d_q * scale).astype(q.dtype), (d_k * scale).astype(k.dtype), d_v.astype(v.dtype), d_bias,
+            None, None, None)
 
 
 def _unbroadcast(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
