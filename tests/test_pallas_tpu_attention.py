@@ -84,7 +84,7 @@ def test_bad_input_raises_value_error_naming_it(overrides, message):
 
 
 def test_public_api_on_cpu_keeps_auto_off_the_kernel():
-    q = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
+    q = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)  # beyond REFERENCE_MAX_SCORES: blockwise
     assert select_implementation(q, q, q, is_causal=True).implementation == "blockwise"
     assert dot_product_attention(q, q, q, is_causal=True).shape == q.shape
 
@@ -98,8 +98,9 @@ def test_auto_on_a_tpu_picks_the_splash_kernel_where_it_applies(monkeypatch):
     chosen = select_implementation(long, long, long, is_causal=True)
     assert chosen.implementation == "pallas" and "splash" in chosen.reason
     assert select_implementation(short, short, short).implementation == "reference"
-    bias = jnp.zeros((1, 2, 256, 256), jnp.bfloat16)
-    assert select_implementation(long, long, long, bias).implementation == "blockwise"
+    longer = jnp.zeros((1, 512, 2, 64), jnp.bfloat16)  # beyond the reference's REFERENCE_MAX_SCORES too
+    bias = jnp.zeros((1, 2, 512, 512), jnp.bfloat16)
+    assert select_implementation(longer, longer, longer, bias).implementation == "blockwise"
     assert select_implementation(long, long, long, implementation="pallas").implementation == "pallas"
 
 

@@ -5,23 +5,23 @@ Auto rules (implementation=None), in order:
      soft-capping, dropout or precision; it checks dtype, head_dim and mask kind itself);
      else "pallas" if its `supports()` accepts it (no dense bias/mask, no dropout).
   2. On TPU: "pallas" (jax's splash-attention kernel, see `pallas_tpu`) if it supports the
-     call and the score matrix is larger than REFERENCE_MAX_SCORES. Not measured (no
-     TPU was available); chosen because splash is the fused kernel TPU training stacks
-     use, where blockwise would be a sequential XLA loop.
+     call and the score matrix is larger than TPU_SPLASH_MIN_SCORES = 128 * 128. Not
+     measured (no TPU was available); chosen because splash is the fused kernel TPU
+     training stacks use, where blockwise would be a sequential XLA loop.
   3. Complex inputs: "reference" (the only one of ours that takes them).
   4. "reference" while one head's score matrix is small (q_len * kv_len <=
-     REFERENCE_MAX_SCORES = 128 * 128), else "blockwise". First set from forward timings
-     (2026-11-22). Re-measured 2026-11-30 after the reference got its written-out backward,
-     forward and forward+backward separately (benchmarks/attention.py, one core, one
-     thread; benchmarks/RESULTS.md, "Attention auto choice"): at the training shape of
-     issue 17 (batch 32, 4 heads, d=32, n=128, causal) the reference is now the fastest
-     forward+backward (206 ms against xla 255 and blockwise 290) and even with blockwise
-     forward; from n=512 (and at 1024-2048) blockwise wins both. Between (n=256) the
-     machine's noise (a shared, loaded 2-core VM) exceeded the differences, so the
-     threshold stays. A trace cannot tell whether it will be differentiated, so one
-     threshold serves both; the measurements say it is right for both at the shapes
-     measured. Not yet measured on GPU. KV-cache decoding (q_len 1 against
-     kv_len <= 16384) stays on the cheap reference path.
+     REFERENCE_MAX_SCORES = 256 * 256), else "blockwise". Measured on CPU (one core, one
+     thread, quiet machine, 2026-12-01, benchmarks/RESULTS.md "Attention auto choice,
+     re-measured") forward and forward+backward separately, b=8, h=4, d=32: at n <= 256
+     the reference is the fastest forward+backward (n=256: 17.6 ms against blockwise 19.7
+     non-causal, 17.7 against 38.4 causal) and within 3-6% of blockwise's forward; at n=384
+     it still trains 9-12% faster but its causal forward is 1.8x blockwise's; from n=512
+     blockwise wins both (causal fwd+bwd 74 against 166 ms). A trace cannot tell whether
+     it will be differentiated, so one threshold serves both, placed where training (the
+     larger gaps) is served best. At the training shape of issue 17 (batch 32, 4 heads,
+     d=32, n=128, causal) the reference is 19.6 ms against xla 26.6 and blockwise 44.3.
+     Not yet measured on GPU. KV-cache decoding (q_len 1 against kv_len <= 65536) stays on
+     the cheap reference path.
 A named implementation that cannot serve the call raises ValueError; it never falls back.
 """
 from __future__ import annotations
@@ -36,8 +36,10 @@ from transformer_jax.attention import jax_nn
 from transformer_jax.attention.arguments import IMPLEMENTATIONS, Operands, Options
 from transformer_jax.attention.pallas_tuning import BlockSizes
 
-# q_len * kv_len of one head at which blockwise becomes the better choice (measured on CPU).
-REFERENCE_MAX_SCORES = 128 * 128
+# q_len * kv_len of one head up to which the reference is the better choice (measured on CPU).
+REFERENCE_MAX_SCORES = 256 * 256
+# ... beyond which a TPU takes the splash kernel (not measured: no TPU was available).
+TPU_SPLASH_MIN_SCORES = 128 * 128
 
 
 class Selection(NamedTuple):
@@ -74,16 +76,16 @@ def choose(ops: Operands, opts: Options, implementation: str | None) -> Selectio
     if jnp.iscomplexobj(ops.query):
         return Selection("reference", "complex inputs: of ours, only reference (and xla) take them")
     scores = ops.query.shape[1] * ops.key.shape[1]
-    if jax.default_backend() == "tpu" and scores > REFERENCE_MAX_SCORES:
+    if jax.default_backend() == "tpu" and scores > TPU_SPLASH_MIN_SCORES:
         pallas = unsupported_reason(ops, opts, "pallas")
         if pallas is None:
-            return Selection("pallas", f"TPU, score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}, "
+            return Selection("pallas", f"TPU, score matrix q_len*kv_len = {scores} > {TPU_SPLASH_MIN_SCORES}, "
                                        f"and the splash kernel supports the call")
     if scores <= REFERENCE_MAX_SCORES:
         return Selection("reference", f"score matrix q_len*kv_len = {scores} <= {REFERENCE_MAX_SCORES}, where the "
-                                      f"reference was fastest on CPU, forward and forward+backward")
+                                      f"reference was fastest on CPU forward+backward (forward within 6% of blockwise)")
     return Selection("blockwise", f"score matrix q_len*kv_len = {scores} > {REFERENCE_MAX_SCORES}, where blockwise "
-                                  f"was fastest on CPU (from n=512), forward and forward+backward")
+                                  f"was fastest on CPU from n=512, forward and forward+backward")
 
 
 def unsupported_reason(ops: Operands, opts: Options, implementation: str) -> str | None:
