@@ -210,6 +210,14 @@ def test_grad_accumulation_and_mesh_match_one_device(corpus, tmp_path, capfd):
     for name in ("accum", "mesh"):
         other = _leaves(_params(tmp_path / name, 3))
         for key in full:  # equal up to float summation order
+            if key.endswith("key/bias"):
+                # Softmax ignores a shift shared by all keys, so a key bias's gradient is exactly
+                # zero: what Adam sees is rounding noise, normalised into steps that differ run to
+                # run. Checked instead: every run leaves it at zero next to the other biases' moves.
+                moved = np.abs(full[key.replace("key/bias", "query/bias")]).max()
+                for run in (full, other):
+                    assert np.abs(run[key]).max() <= 1e-2 * moved, (name, key, np.abs(run[key]).max(), moved)
+                continue
             np.testing.assert_allclose(other[key], full[key], rtol=2e-4, atol=2e-6, err_msg=f"{name}: {key}")
 
 
