@@ -203,8 +203,8 @@ def _load_params(path: str, family, cfg: ModelConfig, kind: str, model: nn.Modul
     scratch, flat = _Scratch(source), {}
     allocate = lambda shape: host_empty(shape, np.float32)  # noqa: E731
     for e, info in tensors:  # each host copy is freed once it is on the device(s)
-        views = e.load(source.view(info))
-        for p, host in zip(e.paths, _host_values(e, info, views, source, scratch, allocate)):
+        mapped = source.view(info)
+        for p, host in zip(e.paths, _host_values(e, info, mapped, e.load(mapped), source, scratch, allocate)):
             flat[p] = jax.device_put(host, shardings.get(p))
     return traverse_util.unflatten_dict(flat)
 
@@ -237,10 +237,12 @@ class _Scratch:
         return self._source.read_into(info, self._buffer[:nbytes].view(info.dtype).reshape(info.shape))
 
 
-def _host_values(entry: Entry, info: TensorInfo, views: tuple[np.ndarray, ...], source: TensorSource,
-                 scratch: _Scratch, allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, ...]:
+def _host_values(entry: Entry, info: TensorInfo, mapped: np.ndarray, views: tuple[np.ndarray, ...],
+                 source: TensorSource, scratch: _Scratch,
+                 allocate: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[np.ndarray, ...]:
     """The float32 host arrays of the parameters `entry` fills from the tensor `info`;
-    `views`: `entry.load` of the tensor's view of the file's map (only their layout is used).
+    `mapped`: its view of the file's map, `views`: `entry.load(mapped)` (only their layout
+    is used).
 
     A float32 tensor whose parameter has its bytes in the same order (same layout, or a
     reshape) is that view itself where the map places it `ALIGNMENT`-aligned (on CPU
@@ -250,7 +252,7 @@ def _host_values(entry: Entry, info: TensorInfo, views: tuple[np.ndarray, ...], 
     into each parameter's array. Reads go through the page cache (plain reads), so no
     page of the file stays in the resident set beside the copy made of it.
     """
-    if _same_bytes(source.view(info), views):
+    if _same_bytes(mapped, views):
         if _aliasable(views[0]):
             return views
         return (source.read_into(info, allocate(views[0].shape)),)
@@ -271,11 +273,11 @@ def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource)
     parameter cost more than the copies into them. The arena lives as long as any
     parameter in it; the rest of the parameters are views of the file's map.
     """
-    planned, total = [], 0  # (entry, tensor, views of the map); the arena's bytes, slots aligned
+    planned, total = [], 0  # (entry, tensor, its map view, entry's views); the arena's bytes, slots aligned
     for e, info in tensors:
         mapped = source.view(info)
         views = e.load(mapped)
-        planned.append((e, info, views))
+        planned.append((e, info, mapped, views))
         if not (_same_bytes(mapped, views) and _aliasable(views[0])):
             total += sum(-(-v.size * 4 // ALIGNMENT) * ALIGNMENT for v in views)
     arena, offset = host_empty((total,), np.uint8), 0
@@ -288,9 +290,9 @@ def _place_on_cpu(tensors: list[tuple[Entry, TensorInfo]], source: TensorSource)
 
     scratch = _Scratch(source)
     paths, hosts = [], []
-    for e, info, views in planned:
+    for e, info, mapped, views in planned:
         paths += e.paths
-        hosts += _host_values(e, info, views, source, scratch, take)
+        hosts += _host_values(e, info, mapped, views, source, scratch, take)
     if offset != arena.size:  # the two passes decide alike: a mismatch is a bug here
         raise RuntimeError(f"internal: {offset} of the arena's {arena.size} bytes were used")
     return dict(zip(paths, jax.device_put(hosts)))
