@@ -215,6 +215,56 @@ def test_causal_gqa_self_attention_matches_numpy(pos_encoding):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("pos_encoding", ["learned", "rotary"])
+def test_fused_qkv_self_attention_matches_numpy(pos_encoding):
+    """One [d, 3, heads, head_dim] kernel: slice s of it (and of its bias) is the query,
+    key or value projection of the float64 reference, gradients included."""
+    cfg = get_config("tiny", fused_qkv=True, pos_encoding=pos_encoding)
+    b, t = 2, 6
+    x = normal(14, (b, t, cfg.d_model))
+    positions = np.broadcast_to(np.arange(t), (b, t))
+    module = MultiHeadAttention(cfg, causal=True)
+    params = init_params(module, 15, x, positions=positions)
+    assert set(params) == {"qkv", "out"}
+    assert params["qkv"]["kernel"].shape == (cfg.d_model, 3, cfg.num_heads, cfg.head_dim)
+    assert params["qkv"]["bias"].shape == (3, cfg.num_heads, cfg.head_dim)
+
+    def split(p):
+        qkv = p["qkv"]
+        names = ("query", "key", "value")
+        return {**{n: {"kernel": qkv["kernel"][:, i], "bias": qkv["bias"][i]} for i, n in enumerate(names)},
+                "out": p["out"]}
+
+    causal = np.tril(np.ones((t, t), bool))[None, None]
+    rotary = np.asarray(positions) if pos_encoding == "rotary" else None
+    xn = np.asarray(x, np.float64)
+    got = jax.jit(module.apply)({"params": params}, x, positions=positions)
+    expected = attention_reference(split(np64(params)), xn, xn, cfg, causal, rotary)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+    # The gradient of a scalar of the output, against float64 central differences along
+    # a random direction of the fused kernel.
+    direction = np.asarray(normal(17, params["qkv"]["kernel"].shape), np.float64)
+    weights = np.asarray(normal(18, got.shape), np.float64)
+
+    def f64(eps):
+        p = np64(params)
+        p["qkv"]["kernel"] = p["qkv"]["kernel"] + eps * direction
+        return np.sum(attention_reference(split(p), xn, xn, cfg, causal, rotary) * weights)
+
+    grad = jax.grad(lambda p: jnp.sum(module.apply({"params": p}, x, positions=positions) * weights))(params)
+    h = 1e-5
+    np.testing.assert_allclose(np.sum(np.asarray(grad["qkv"]["kernel"], np.float64) * direction),
+                               (f64(h) - f64(-h)) / (2 * h), rtol=1e-4)
+
+
+def test_fused_qkv_needs_one_key_value_head_per_query_head():
+    with pytest.raises(ValueError, match=r"fused_qkv=True needs .* num_kv_heads=2 with num_heads=4"):
+        get_config("tiny", fused_qkv=True, num_kv_heads=2)
+    with pytest.raises(TypeError, match="fused_qkv=1 must be a bool"):
+        get_config("tiny", fused_qkv=1)
+
+
 def test_cross_attention_with_padding_mask_matches_numpy():
     cfg = get_config("tiny")
     b, t, s = 2, 3, 5
@@ -234,7 +284,9 @@ def test_cross_attention_with_padding_mask_matches_numpy():
 def test_parameters_carry_logical_axis_names():
     cfg = get_config("tiny", activation="swiglu", num_kv_heads=2)
     x = jax.ShapeDtypeStruct((1, 2, cfg.d_model), jnp.float32)
-    for module, args in [(MultiHeadAttention(cfg), (x,)), (FeedForward(cfg), (x,)), (make_norm(cfg), (x,))]:
+    fused = MultiHeadAttention(get_config("tiny", fused_qkv=True))
+    for module, args in [(MultiHeadAttention(cfg), (x,)), (fused, (x,)), (FeedForward(cfg), (x,)),
+                         (make_norm(cfg), (x,))]:
         boxed = jax.eval_shape(module.init, jax.random.key(0), *args)["params"]
         leaves = jax.tree.leaves(boxed, is_leaf=lambda v: isinstance(v, nn.LogicallyPartitioned))
         assert leaves

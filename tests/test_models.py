@@ -173,6 +173,7 @@ def test_dropout_uses_the_dropout_stream(lm):
         {},
         dict(pos_encoding="rotary", num_kv_heads=2, activation="swiglu", norm="rmsnorm", scan_layers=True),
         dict(pos_encoding="sinusoidal", norm_position="post", tie_embeddings=False, num_kv_heads=1),
+        dict(fused_qkv=True, pos_encoding="rotary", scan_layers=True),
     ],
 )
 def test_cached_decoding_matches_full_forward(overrides):

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -206,12 +207,50 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path):
     model = DecoderLM(get_config("tiny", pos_encoding="rotary"))  # GPT-2 has learned positions
     with pytest.raises(ValueError, match="pos_encoding='rotary' cannot be saved as a gpt2"):
         save_pretrained(tmp_path, model, {})  # refused from the config, before the params
+    llama_like = dict(norm="rmsnorm", pos_encoding="rotary", use_bias=False, activation="swiglu")
+    model = DecoderLM(get_config("tiny", fused_qkv=True, **llama_like))  # Llama keeps q/k/v apart
+    with pytest.raises(ValueError, match="fused_qkv=True cannot be saved as a llama model"):
+        save_pretrained(tmp_path, model, {})
     pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
     broken = jax.tree.map(lambda x: x, pre.params)
     del broken["final_norm"]
     with pytest.raises(ValueError, match="final_norm"):
         save_pretrained(tmp_path, pre.model, broken)
     assert not os.listdir(tmp_path)  # nothing written
+
+
+# ---------------------------------------------------------------- GPT-2's fused c_attn
+
+
+def test_gpt2_c_attn_loads_as_one_fused_kernel_without_a_copy(tmp_path, monkeypatch):
+    """A GPT-2 loads with fused_qkv: c_attn [d, 3d] is the qkv kernel [d, 3, h, k] as it
+    lies in the file, so a checkpoint our writer aligned loads with no weight copied (the
+    arena of converted tensors is empty). A model with separate query/key/value kernels
+    saves to the same c_attn and gives the same logits back."""
+    from transformer_jax import DecoderLM, get_config
+    from transformer_jax.pretrained import loader
+
+    cfg = get_config("tiny")  # separate query/key/value kernels, biases
+    model = DecoderLM(cfg)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(1)
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    save_pretrained(tmp_path, model, params)
+
+    arenas = []
+    real = loader.host_empty
+    monkeypatch.setattr(loader, "host_empty", lambda shape, dtype: arenas.append(shape) or real(shape, dtype))
+    pre = from_pretrained(tmp_path)
+    assert pre.config.fused_qkv and arenas == [(0,)]  # one empty arena: nothing copied
+    for i in range(cfg.num_layers):
+        ours, theirs = pre.params["blocks"][f"layer_{i}"]["self_attn"], params["blocks"][f"layer_{i}"]["self_attn"]
+        for s, name in enumerate(("query", "key", "value")):
+            np.testing.assert_array_equal(ours["qkv"]["kernel"][:, s], theirs[name]["kernel"])
+            np.testing.assert_array_equal(ours["qkv"]["bias"][s], theirs[name]["bias"])
+    expected = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(pre.model.apply({"params": pre.params}, tokens), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 1.0
 
 
 # ---------------------------------------------------------------- sharded placement
@@ -229,6 +268,13 @@ def test_mesh_places_each_parameter_with_its_sharding():
     assert q.sharding.spec[:2] == ("fsdp", "tensor")
     assert len(q.addressable_shards) == 4 and q.addressable_shards[0].data.shape == (16, 2, 8)
     jax.tree.map(np.testing.assert_array_equal, sharded.params, plain.params)
+
+    path = os.path.join(FIXTURES, "gpt2")  # the fused kernel: heads split, q/k/v not
+    with use_mesh(mesh):
+        sharded = from_pretrained(path, mesh=mesh)
+    qkv = sharded.params["blocks"]["layer_0"]["self_attn"]["qkv"]["kernel"]  # [embed, 3, heads, head_dim]
+    assert qkv.sharding.spec[:3] == ("fsdp", None, "tensor")
+    jax.tree.map(np.testing.assert_array_equal, sharded.params, from_pretrained(path).params)
 
 
 def test_pooling_modes():

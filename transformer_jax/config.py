@@ -63,6 +63,12 @@ class ModelConfig:
     `sinusoidal_layout` "interleaved" (sin, cos alternating, the paper) or "split"
     (all sines, then all cosines: Marian); `final_logits_bias` adds a learned bias to an
     EncoderDecoder's logits (Marian).
+    `fused_qkv` keeps a self-attention's query, key and value projections in one
+    parameter `qkv` (kernel `[d_model, 3, heads, head_dim]`, bias `[3, heads, head_dim]`)
+    multiplied as one matmul, instead of three parameters `query`, `key`, `value`: the
+    layout of GPT-2's `c_attn`, which then loads as a view of the checkpoint's bytes.
+    Same model either way (same sums, same initial distribution); it needs
+    `num_kv_heads` None or `num_heads`, and cross-attention keeps separate projections.
     """
 
     vocab_size: int
@@ -94,6 +100,7 @@ class ModelConfig:
     sliding_window: int | None = None
     sinusoidal_layout: str = "interleaved"
     final_logits_bias: bool = False
+    fused_qkv: bool = False
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "num_heads", "num_layers", "d_ff"):
@@ -135,11 +142,14 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
                 raise ValueError(f"{name}={value!r} must be a positive finite number")
         for name in ("use_bias", "tie_embeddings", "scale_embeddings", "scan_layers",
-                     "embedding_norm", "final_logits_bias"):
+                     "embedding_norm", "final_logits_bias", "fused_qkv"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name}={getattr(self, name)!r} must be a bool")
         if self.qkv_bias is not None and not isinstance(self.qkv_bias, bool):
             raise TypeError(f"qkv_bias={self.qkv_bias!r} must be a bool or None")
+        if self.fused_qkv and self.kv_heads != self.num_heads:
+            raise ValueError(f"fused_qkv=True needs as many key/value heads as query heads, got "
+                             f"num_kv_heads={self.num_kv_heads} with num_heads={self.num_heads}")
         if (not isinstance(self.type_vocab_size, (int, np.integer)) or isinstance(self.type_vocab_size, bool)
                 or self.type_vocab_size < 0):
             raise ValueError(f"type_vocab_size={self.type_vocab_size!r} must be a non-negative integer")

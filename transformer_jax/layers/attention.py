@@ -2,7 +2,10 @@
 
 The score/softmax/value core is `transformer_jax.attention.dot_product_attention`,
 with `implementation=cfg.attention_impl`; this module adds the projections, rotary
-positions, dropout and the cache.
+positions, dropout and the cache. Parameters: kernels `query` [d_model, heads, head_dim],
+`key` and `value` [d_model, kv_heads, head_dim], `out` [heads, head_dim, d_model] (and
+their biases); with `cfg.fused_qkv` a self-attention holds query, key and value in one
+`qkv` [d_model, 3, heads, head_dim], multiplied as one matmul.
 
 KV cache (self-attention with `decode=True`): the "cache" collection holds
 `cached_key` and `cached_value`, `[batch, cache_len, kv_heads, head_dim]` in cfg.dtype,
@@ -134,11 +137,18 @@ class MultiHeadAttention(nn.Module):
         def project_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
             return project(cfg.kv_heads, "kv_heads", "key", x), project(cfg.kv_heads, "kv_heads", "value", x)
 
-        q = project(cfg.num_heads, "heads", "query", inputs_q)
-        if decode and not is_self:
-            k, v = self._cross_cache(kv_in, positions, project_kv)
+        if is_self and cfg.fused_qkv:  # one [d, 3, heads, head_dim] kernel (GPT-2's c_attn)
+            qkv = Projection(
+                "btd,dshk->btshk", (cfg.d_model, 3, cfg.num_heads, cfg.head_dim),
+                ("embed", None, "heads", "head_dim"), cfg.qkv_use_bias, cfg.compute_dtype, name="qkv",
+            )(inputs_q)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            k, v = project_kv(kv_in)
+            q = project(cfg.num_heads, "heads", "query", inputs_q)
+            if decode and not is_self:
+                k, v = self._cross_cache(kv_in, positions, project_kv)
+            else:
+                k, v = project_kv(kv_in)
         if is_self and cfg.pos_encoding == "rotary":
             q = apply_rotary(q, positions, cfg.rope_base)
             k = apply_rotary(k, positions, cfg.rope_base)

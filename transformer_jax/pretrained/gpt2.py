@@ -1,8 +1,11 @@
 """GPT-2 (`model_type` "gpt2", GPT2LMHeadModel) <-> DecoderLM.
 
 GPT-2 keeps its projections in `Conv1D` layers, whose weights are already [in, out];
-`attn.c_attn` holds query, key and value side by side ([d, 3d]), split here into our
-three kernels. The read-out is tied to `wte` unless `tie_word_embeddings` is false.
+`attn.c_attn` holds query, key and value side by side ([d, 3d]): a model loaded from it
+gets `fused_qkv=True`, whose kernel [d, 3, heads, head_dim] is a reshape of those bytes
+(so it loads without a copy); a model with separate query/key/value kernels is saved
+(and loaded) by splitting and joining the columns. The read-out is tied to `wte` unless
+`tie_word_embeddings` is false.
 Activation "gelu_new" is the tanh GELU, our "gelu".
 """
 from __future__ import annotations
@@ -41,7 +44,7 @@ def from_hf(hf: dict, sentence: bool) -> tuple[ModelConfig, str]:
         layer_norm_eps=float(get(hf, "layer_norm_epsilon", t, 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
         dropout_rate=float(hf.get("resid_pdrop", 0.0)),
-        attention_dropout_rate=float(hf.get("attn_pdrop", 0.0)),
+        attention_dropout_rate=float(hf.get("attn_pdrop", 0.0)), fused_qkv=True,
     )
     return cfg, "decoder_lm"
 
@@ -93,15 +96,8 @@ def entries(cfg: ModelConfig, kind: str) -> list[Entry]:
     for i in range(cfg.num_layers):
         hf, ours = f"{p}h.{i}", ("blocks", f"layer_{i}")
         att = (*ours, "self_attn")
-        qkv = tuple((*att, n, "kernel") for n in ("query", "key", "value"))
-        qkv_b = tuple((*att, n, "bias") for n in ("query", "key", "value"))
+        out += _c_attn(f"{hf}.attn.c_attn", att, cfg)
         out += [
-            Entry(f"{hf}.attn.c_attn.weight", (d, 3 * d), qkv,
-                  lambda w: tuple(x.reshape(d, h, k) for x in np.split(w, 3, axis=1)),
-                  lambda *xs: np.concatenate([x.reshape(d, h * k) for x in xs], axis=1)),
-            Entry(f"{hf}.attn.c_attn.bias", (3 * d,), qkv_b,
-                  lambda b: tuple(x.reshape(h, k) for x in np.split(b, 3)),
-                  lambda *xs: np.concatenate([x.reshape(-1) for x in xs])),
             Entry(f"{hf}.attn.c_proj.weight", (d, d), ((*att, "out", "kernel"),),
                   lambda w: (w.reshape(h, k, d),), lambda x: x.reshape(h * k, d)),
             same(f"{hf}.attn.c_proj.bias", (d,), (*att, "out", "bias")),
@@ -114,3 +110,21 @@ def entries(cfg: ModelConfig, kind: str) -> list[Entry]:
             out += [same(f"{hf}.{n}.weight", (d,), (*ours, part, "scale")),
                     same(f"{hf}.{n}.bias", (d,), (*ours, part, "bias"))]
     return out
+
+
+def _c_attn(key: str, att: tuple[str, ...], cfg: ModelConfig) -> list[Entry]:
+    """`c_attn`'s weight [d, 3d] and bias [3d] <-> our fused `qkv` (a reshape) or our
+    separate query/key/value kernels [d, heads, head_dim] and biases [heads, head_dim]."""
+    d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
+    if cfg.fused_qkv:
+        return [Entry(f"{key}.weight", (d, 3 * d), ((*att, "qkv", "kernel"),),
+                      lambda w: (w.reshape(d, 3, h, k),), lambda x: x.reshape(d, 3 * d)),
+                Entry(f"{key}.bias", (3 * d,), ((*att, "qkv", "bias"),),
+                      lambda b: (b.reshape(3, h, k),), lambda x: x.reshape(-1))]
+    names = ("query", "key", "value")
+    return [Entry(f"{key}.weight", (d, 3 * d), tuple((*att, n, "kernel") for n in names),
+                  lambda w: tuple(x.reshape(d, h, k) for x in np.split(w, 3, axis=1)),
+                  lambda *xs: np.concatenate([x.reshape(d, h * k) for x in xs], axis=1)),
+            Entry(f"{key}.bias", (3 * d,), tuple((*att, n, "bias") for n in names),
+                  lambda b: tuple(x.reshape(h, k) for x in np.split(b, 3)),
+                  lambda *xs: np.concatenate([x.reshape(-1) for x in xs]))]

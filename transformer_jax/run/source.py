@@ -66,10 +66,11 @@ def hf_params(path: str) -> Any:
     import jax
 
     from transformer_jax.pretrained import from_pretrained
+    from transformer_jax.pretrained.loader import MODEL_CLASSES
 
     pre = from_pretrained(path, tokenizer=False)  # the weights only
     params = jax.tree.map(np.asarray, pre.params)
-    kind = hf_architecture(path)[1]
+    kind = next(k for k, c in MODEL_CLASSES.items() if type(pre.model) is c)
     if kind == "encoder":
         params = {"encoder": params}
     pooler = _pooler_keys(path)
