@@ -159,3 +159,11 @@ def test_non_finite_values_are_rejected_up_front(field, value):
     saved = json.loads(json.dumps({**get_config("tiny").to_dict(), field: value}))  # JSON spells NaN
     with pytest.raises(ValueError, match=field):
         ModelConfig.from_dict(saved)
+
+
+def test_presets_fuse_q_k_v_unless_grouped_query_attention_is_asked_for():
+    assert get_config("gpt2-small").fused_qkv and not get_config("tiny").fused_qkv
+    assert not get_config("gpt2-small", num_kv_heads=4).fused_qkv  # the preset's choice yields
+    assert get_config("gpt2-small", num_kv_heads=12).fused_qkv  # as many kv heads as heads: still fused
+    with pytest.raises(ValueError, match="fused_qkv=True needs"):
+        get_config("gpt2-small", num_kv_heads=4, fused_qkv=True)  # asked for both: an error

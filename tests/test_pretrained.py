@@ -207,10 +207,6 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path):
     model = DecoderLM(get_config("tiny", pos_encoding="rotary"))  # GPT-2 has learned positions
     with pytest.raises(ValueError, match="pos_encoding='rotary' cannot be saved as a gpt2"):
         save_pretrained(tmp_path, model, {})  # refused from the config, before the params
-    llama_like = dict(norm="rmsnorm", pos_encoding="rotary", use_bias=False, activation="swiglu")
-    model = DecoderLM(get_config("tiny", fused_qkv=True, **llama_like))  # Llama keeps q/k/v apart
-    with pytest.raises(ValueError, match="fused_qkv=True cannot be saved as a llama model"):
-        save_pretrained(tmp_path, model, {})
     pre = from_pretrained(os.path.join(FIXTURES, "gpt2"))
     broken = jax.tree.map(lambda x: x, pre.params)
     del broken["final_norm"]
@@ -248,6 +244,34 @@ def test_gpt2_c_attn_loads_as_one_fused_kernel_without_a_copy(tmp_path, monkeypa
         for s, name in enumerate(("query", "key", "value")):
             np.testing.assert_array_equal(ours["qkv"]["kernel"][:, s], theirs[name]["kernel"])
             np.testing.assert_array_equal(ours["qkv"]["bias"][s], theirs[name]["bias"])
+    expected = model.apply({"params": params}, tokens)
+    np.testing.assert_allclose(pre.model.apply({"params": pre.params}, tokens), expected, rtol=1e-5, atol=1e-5)
+    assert np.abs(expected).max() > 1.0
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert"])
+def test_a_fused_model_saves_to_a_format_that_keeps_q_k_v_apart(kind, tmp_path):
+    """Llama's and BERT's files hold q_proj/k_proj/v_proj (query/key/value): a fused_qkv
+    model is saved with its qkv split, and loads back as the same model, unfused."""
+    from transformer_jax import DecoderLM, MaskedLM, get_config
+
+    if kind == "llama":
+        cfg = get_config("tiny", fused_qkv=True, norm="rmsnorm", pos_encoding="rotary", use_bias=False,
+                         activation="swiglu")
+        model = DecoderLM(cfg)
+    else:
+        cfg = get_config("tiny", fused_qkv=True, norm_position="post", embedding_norm=True, type_vocab_size=2)
+        model = MaskedLM(cfg)
+    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    rng = np.random.default_rng(3)
+    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    save_pretrained(tmp_path, model, params)
+    pre = from_pretrained(tmp_path)
+    assert not pre.config.fused_qkv and pre.config.kv_heads == cfg.num_heads
+    stack = lambda p: p["encoder"]["blocks"] if kind == "bert" else p["blocks"]  # noqa: E731
+    qkv = stack(params)["layer_1"]["self_attn"]["qkv"]["kernel"]
+    np.testing.assert_array_equal(stack(pre.params)["layer_1"]["self_attn"]["value"]["kernel"], qkv[:, 2])
     expected = model.apply({"params": params}, tokens)
     np.testing.assert_allclose(pre.model.apply({"params": pre.params}, tokens), expected, rtol=1e-5, atol=1e-5)
     assert np.abs(expected).max() > 1.0

@@ -276,6 +276,31 @@ def test_incompatible_out_dir_needs_overwrite(base_run, corpus, tmp_path):
         assert ckpt.all_steps() == [2]
 
 
+def test_a_run_recorded_before_a_model_field_existed_resumes_as_it_was_trained(corpus, tmp_path):
+    """The presets now fuse q/k/v (`fused_qkv`, added after runs were recorded without it):
+    a run whose config.json lacks the field was trained with separate kernels and resumes
+    with them from the same command; naming the field with another value is a change."""
+    out = tmp_path / "run"
+    small = ("--preset", "char-small", "--d-model", "32", "--num-heads", "2", "--num-layers", "1",
+             "--d-ff", "64", "--max-len", "16", "--dropout", "0")
+    assert train.main(_args(corpus, out, *small, "--fused-qkv", "false", steps=6)) == 0
+    with open(out / "config.json") as f:
+        record = json.load(f)
+    del record["model"]["fused_qkv"]  # as the package wrote it before the field existed
+    with open(out / "config.json", "w") as f:
+        json.dump(record, f)
+    with pytest.raises(ValueError, match=r"model.fused_qkv: False -> True.*--overwrite"):
+        train.main(_args(corpus, out, *small, "--fused-qkv", "true", steps=12))
+    assert train.main(_args(corpus, out, *small, steps=12)) == 0  # the preset's True yields
+    params = _leaves(_params(out, 12))
+    assert "blocks/layer_0/self_attn/query/kernel" in params and not any("qkv" in k for k in params)
+    with open(out / "config.json") as f:
+        assert json.load(f)["model"]["fused_qkv"] is False
+    fresh = tmp_path / "fresh"  # the same command on a new directory: the preset's fused kernel
+    assert train.main(_args(corpus, fresh, *small, steps=6)) == 0
+    assert "blocks/layer_0/self_attn/qkv/kernel" in _leaves(_params(fresh, 6))
+
+
 def test_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         train.main(["--help"])

@@ -196,32 +196,36 @@ def _check_positive_int(name: str, value: Any) -> None:
         raise ValueError(f"{name}={value!r} must be a positive integer")
 
 
+# Every preset but "tiny" multiplies query, key and value as one matmul (`fused_qkv`, as
+# GPT-2 and nanoGPT do); "tiny" keeps the three kernels apart, the layout of Llama, BERT
+# and Marian files.
 _PRESETS: dict[str, dict[str, Any]] = {
     # For tests: every code path at toy size (GQA, rotary and swiglu are overrides).
     "tiny": dict(vocab_size=61, max_len=16, d_model=32, num_heads=4, num_layers=2, d_ff=64),
     # nanoGPT's Shakespeare character model; set vocab_size to the tokenizer's size.
     "char-small": dict(
         vocab_size=256, max_len=256, d_model=384, num_heads=6, num_layers=6, d_ff=1536,
-        dropout_rate=0.2,
+        dropout_rate=0.2, fused_qkv=True,
     ),
     # GPT-2 124M (dropout 0, as nanoGPT trains it; the original used 0.1).
     "gpt2-small": dict(
-        vocab_size=50257, max_len=1024, d_model=768, num_heads=12, num_layers=12, d_ff=3072,
+        vocab_size=50257, max_len=1024, d_model=768, num_heads=12, num_layers=12, d_ff=3072, fused_qkv=True,
     ),
     "gpt2-medium": dict(
-        vocab_size=50257, max_len=1024, d_model=1024, num_heads=16, num_layers=24, d_ff=4096,
+        vocab_size=50257, max_len=1024, d_model=1024, num_heads=16, num_layers=24, d_ff=4096, fused_qkv=True,
     ),
     # BERT-base sizes, post-norm; no token-type embeddings or embedding LayerNorm.
     "bert-base": dict(
         vocab_size=30522, max_len=512, d_model=768, num_heads=12, num_layers=12, d_ff=3072,
         norm_position="post", dropout_rate=0.1, attention_dropout_rate=0.1,
-        layer_norm_eps=1e-12,
+        layer_norm_eps=1e-12, fused_qkv=True,
     ),
     # "Attention is all you need", base model: shared source/target vocabulary.
     "transformer-base": dict(
         vocab_size=37000, max_len=512, d_model=512, num_heads=8, num_layers=6,
         num_decoder_layers=6, d_ff=2048, activation="relu", norm_position="post",
         pos_encoding="sinusoidal", scale_embeddings=True, dropout_rate=0.1, layer_norm_eps=1e-6,
+        fused_qkv=True,
     ),
 }
 
@@ -232,7 +236,21 @@ def list_presets() -> list[str]:
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
-    """The preset `name` with fields replaced by `overrides` (validated as a whole)."""
+    """The preset `name` with fields replaced by `overrides` (validated as a whole).
+
+    A preset's `fused_qkv` yields to grouped-query attention: overriding `num_kv_heads`
+    below `num_heads` without naming `fused_qkv` gives separate query/key/value kernels.
+    """
     if name not in _PRESETS:
         raise ValueError(f"name={name!r} is not a preset; expected one of {list_presets()}")
-    return ModelConfig(**{**_PRESETS[name], **overrides})
+    fields = {**_PRESETS[name], **overrides}
+    if "fused_qkv" not in overrides and fields.get("num_kv_heads") not in (None, fields["num_heads"]):
+        fields["fused_qkv"] = False
+    return ModelConfig(**fields)
+
+
+def field_defaults() -> dict[str, Any]:
+    """Every ModelConfig field that has a default, with it: what a config recorded before
+    the field existed was built with (see `transformer_jax.run.out_dir`)."""
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig)
+            if f.default is not dataclasses.MISSING}

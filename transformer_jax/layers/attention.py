@@ -24,6 +24,8 @@ which then ignores `inputs_kv` (a `lax.cond`, so the projection is skipped).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -34,6 +36,23 @@ from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
 from transformer_jax.layers.per_shard import attend_per_shard
 from transformer_jax.layers.positional import apply_rotary
+
+
+def split_qkv(params: Any) -> Any:
+    """`params` with every fused `qkv` projection (kernel [..., d_model, 3, heads, head_dim],
+    bias [..., 3, heads, head_dim]; a scanned stack adds a leading layer axis) replaced by
+    separate `query`, `key` and `value` projections: the parameters of the same model with
+    `fused_qkv=False`. Other leaves are kept as they are."""
+    if not isinstance(params, Mapping):
+        return params
+    out = {k: split_qkv(v) for k, v in params.items() if k != "qkv"}
+    if "qkv" in params:
+        kernel, bias = params["qkv"]["kernel"], params["qkv"].get("bias")
+        for s, name in enumerate(("query", "key", "value")):
+            out[name] = {"kernel": kernel[..., s, :, :]}
+            if bias is not None:
+                out[name]["bias"] = bias[..., s, :, :]
+    return out
 
 
 def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array, valid: jax.Array) -> jax.Array:

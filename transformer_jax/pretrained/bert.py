@@ -90,7 +90,7 @@ def check_config(cfg: ModelConfig, kind: str) -> None:
         raise ValueError(f"a bert checkpoint holds an encoder, masked_lm or classifier, got a {kind}")
     wanted = dict(norm="layernorm", norm_position="post", pos_encoding="learned", use_bias=True,
                   qkv_bias=None, num_kv_heads=None, scale_embeddings=False, embedding_norm=True,
-                  sliding_window=None, fused_qkv=False)
+                  sliding_window=None)
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
             raise ValueError(f"{field}={getattr(cfg, field)!r} cannot be saved as a bert model (needs {value!r})")

@@ -102,8 +102,7 @@ def check_config(cfg: ModelConfig, kind: str) -> None:
     if kind != "decoder_lm":
         raise ValueError(f"a llama-family checkpoint holds a decoder_lm, got a {kind}")
     wanted = dict(norm="rmsnorm", norm_position="pre", pos_encoding="rotary", use_bias=False,
-                  activation="swiglu", scale_embeddings=False, embedding_norm=False, type_vocab_size=0,
-                  fused_qkv=False)
+                  activation="swiglu", scale_embeddings=False, embedding_norm=False, type_vocab_size=0)
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
             raise ValueError(f"{field}={getattr(cfg, field)!r} cannot be saved as a llama model (needs {value!r})")

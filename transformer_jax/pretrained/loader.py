@@ -27,6 +27,7 @@ from flax import traverse_util
 
 from transformer_jax import models
 from transformer_jax.config import DTYPES, ModelConfig
+from transformer_jax.layers.attention import split_qkv
 from transformer_jax.pretrained import bert, gpt2, llama, marian
 from transformer_jax.pretrained.common import Entry
 from transformer_jax.pretrained.safetensors_io import (
@@ -328,7 +329,9 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     index model.safetensors.index.json, as transformers shards (a tensor larger than the
     limit gets a shard of its own). Also writes tokenizer.json + tokenizer_config.json
     when `tokenizer` is given, and modules.json + 1_Pooling/config.json when `pooling` is.
-    Other files in `path` stay. Over a previous save, every file is written under a
+    A model with `fused_qkv` is saved as a gpt2 with its `qkv` kernels as `c_attn`; the
+    other formats keep query, key and value apart, so its `qkv` is split for them (the
+    directory then loads as the same model with `fused_qkv=False`). Other files in `path` stay. Over a previous save, every file is written under a
     temporary name first (a failure meanwhile leaves the previous save whole), then put
     in place with config.json removed first and renamed in last: a crash amid those
     renames leaves no config.json (loading fails with an error naming it), never the new
@@ -349,10 +352,13 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     parse_size(max_shard_size)  # before anything is written
     family = family_for(model)
     kind = next(k for k, c in MODEL_CLASSES.items() if type(model) is c)
-    cfg = model.cfg
-    family.check_config(cfg, kind)
     if isinstance(params, dict) and set(params) == {"params"}:
         params = params["params"]
+    if model.cfg.fused_qkv and family is not gpt2:  # these formats keep q/k/v apart: same model, split
+        model = model.clone(cfg=dataclasses.replace(model.cfg, fused_qkv=False))
+        params = split_qkv(unboxed(params))
+    cfg = model.cfg
+    family.check_config(cfg, kind)
     flat = traverse_util.flatten_dict(unboxed(params))
     shapes = {p: tuple(s.shape) for p, s in traverse_util.flatten_dict(unboxed(abstract_params(model))).items()}
     got = {p: tuple(np.shape(v)) for p, v in flat.items()}

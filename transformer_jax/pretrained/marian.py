@@ -78,7 +78,7 @@ def check_config(cfg: ModelConfig, kind: str) -> None:
     wanted = dict(norm="layernorm", norm_position="post", pos_encoding="sinusoidal",
                   sinusoidal_layout="split", use_bias=True, qkv_bias=None, num_kv_heads=None,
                   embedding_norm=False, type_vocab_size=0, tie_embeddings=True, final_logits_bias=True,
-                  layer_norm_eps=1e-5, sliding_window=None, fused_qkv=False)
+                  layer_norm_eps=1e-5, sliding_window=None)
     for field, value in wanted.items():
         if getattr(cfg, field) != value:
             raise ValueError(f"{field}={getattr(cfg, field)!r} cannot be saved as a marian model (needs {value!r})")

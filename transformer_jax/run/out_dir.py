@@ -3,7 +3,10 @@
 `config.json` records {"model": ModelConfig, "train": TrainConfig.record(), "task": the
 task's facts, "derived": the schedule settings derived from max_steps}. A run resumes
 when its recorded config matches, except the RESUMABLE settings and the DERIVED ones
-(so `--max-steps` can extend a finished run; its warmup and decay follow).
+(so `--max-steps` can extend a finished run; its warmup and decay follow). A model field
+added to the package after the run was recorded counts as its default there (what the
+run was trained with), and the resumed run is built with that default unless the command
+names the field (see `transformer_jax.run.trainer.build_task`).
 
 The directory rules and the one-writer lock are transformer_jax/run_dir.py's (issue 12):
 a run never deletes what it did not write; `validate_out_dir` judges the directory without
@@ -15,7 +18,10 @@ from __future__ import annotations
 import contextlib
 import os
 
+from typing import Any
+
 from transformer_jax import run_dir
+from transformer_jax.config import field_defaults
 from transformer_jax.train_config import DERIVED_FROM_MAX_STEPS, RESUMABLE
 
 
@@ -29,7 +35,7 @@ def validate_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: boo
     status = run_dir.prepare_run_dir(out_dir, overwrite=overwrite, resume=resume, dry_run=True)
     if not status.resume:
         return False
-    old = status.config
+    old = {**status.config, "model": recorded_model(status.config)}
     free = set(RESUMABLE) | (set(old.get("derived", ())) & set(record.get("derived", ())))
     diffs = [f"{section}.{k}: {old.get(section, {}).get(k)!r} -> {v!r}"
              for section in ("model", "train", "task") for k, v in record[section].items()
@@ -39,6 +45,13 @@ def validate_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: boo
             f"--out-dir {out_dir!r} holds a run with a different configuration ("
             + "; ".join(diffs[:6]) + "): pass --overwrite to replace it, or another --out-dir")
     return True
+
+
+def recorded_model(record: Any) -> dict:
+    """The model config a run's config.json records, with the fields it lacks (the run was
+    recorded before they existed) at their defaults, the values it was trained with."""
+    model = record.get("model") if isinstance(record, dict) else None
+    return {**field_defaults(), **model} if isinstance(model, dict) else {}
 
 
 def agree_on_out_dir(out_dir: str, record: dict, *, overwrite: bool, resume: bool) -> bool:

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from transformer_jax import checkpoint, run_dir, sharding, tokenizers
-from transformer_jax.config import ModelConfig, get_config
+from transformer_jax.config import ModelConfig, field_defaults, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
@@ -51,14 +51,16 @@ def build_task(config: TrainConfig) -> tuple[Task, ModelConfig, Any]:
     `init_from` fixes the architecture and tokenizer to the source's; an existing run in
     `out_dir` (to be resumed) keeps its own tokenizer.
     """
-    tokenizer, base_cfg = None, None
+    tokenizer, base_cfg, legacy = None, None, {}
     if config.init_from:
         base_cfg, tokenizer = load_source_model(config.init_from, config.objective)
-    if os.path.exists(os.path.join(config.out_dir, "config.json")) and not config.overwrite:
+    existing = os.path.join(config.out_dir, "config.json")
+    if os.path.exists(existing) and not config.overwrite:
         tokenizer = load_run_tokenizer(config.out_dir)
+        legacy = _fields_recorded_before_they_existed(existing, config)
 
     def model_config(vocab_size: int) -> ModelConfig:
-        overrides = config.model_overrides(vocab_size)
+        overrides = {**legacy, **config.model_overrides(vocab_size)}
         if base_cfg is not None:
             return dataclasses.replace(base_cfg, **overrides)
         return get_config(config.preset, **overrides)
@@ -74,6 +76,20 @@ def build_task(config: TrainConfig) -> tuple[Task, ModelConfig, Any]:
     for batch in (first, *task.val_batches):
         objective.check_batch(batch, cfg)
     return task, cfg, tokenizer
+
+
+def _fields_recorded_before_they_existed(path: str, config: TrainConfig) -> dict:
+    """The model fields (with their defaults) that the run recorded at `path` lacks and the
+    command does not set: a run from before a field existed (e.g. `fused_qkv`, which the
+    presets now turn on) resumes with the value it was trained with."""
+    try:
+        record = run_dir.read_json(path, "the run's config")
+    except (OSError, ValueError):
+        return {}  # judged, with an error naming it, by validate_out_dir
+    model = record.get("model") if isinstance(record, dict) else None
+    if not isinstance(model, dict):
+        return {}
+    return {k: v for k, v in field_defaults().items() if k not in model and k not in config.model}
 
 
 def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> TrainResult:
