@@ -9,8 +9,17 @@ imported from there). Needs torch beside jax in this Python (a benchmark peer, n
 Both sides get the same character-level text (90% train, 10% validation), the same model
 (GPT-2 layout: learned positions, pre-LayerNorm, tied read-out, biases, no dropout), the same
 AdamW (lr 1e-3, betas 0.9/0.95, weight decay 0.1, clip 1.0, constant lr after 10 linear warmup
-steps) and float32. Two differences are each library's own habit, kept: nanoGPT's GELU is the exact
-erf form (ours the tanh form) and it decays the embeddings too (ours: matrices only). Each side runs in its own child process pinned to the
+steps) and float32. Two differences are each library's own habit, kept by default: nanoGPT's GELU is
+the exact erf form (ours the tanh form) and it decays the embeddings too (ours: matrices only);
+--same-model removes both (ours then trains with activation "gelu_exact" and decays every
+parameter of two or more dimensions, nanoGPT's rule), so the two sides train the same model and
+differ only in initial values and float rounding. --malloc-hugepages starts both children with
+GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (glibc >= 2.35: malloc's large blocks on transparent huge
+pages): an environment setting, not a default of either library, off by default. It matters to
+ours because XLA's CPU runtime takes each step's temp buffer (0.2 GB at `small`, 3.5 GB at
+`char-small`) from malloc and frees it after the step, so every 4 KiB page of it faults again on
+every step (see benchmarks/RESULTS.md, "Fourth round"); torch's step does not.
+Each side runs in its own child process pinned to the
 same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
 --timed-steps steps after warm-up (ours excludes compilation), measured with the process's
 CPU clock. Both then train to --steps and report the validation loss on the same 20 fixed
@@ -22,6 +31,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -81,12 +91,18 @@ def run_ours(args, cfg: dict) -> dict:
     train, val, vocab = load_data(args.text)
     model_cfg = config_lib.ModelConfig(
         vocab_size=vocab, max_len=cfg["block_size"], d_model=cfg["n_embd"], num_heads=cfg["n_head"],
-        num_layers=cfg["n_layer"], d_ff=4 * cfg["n_embd"], activation="gelu", norm="layernorm",
+        num_layers=cfg["n_layer"], d_ff=4 * cfg["n_embd"], activation="gelu_exact" if args.same_model else "gelu",
+        norm="layernorm",
         norm_position="pre", pos_encoding="learned", dtype="float32",
         attention_impl=args.attention_impl)
     model = models.DecoderLM(model_cfg)
     schedule = optax.linear_schedule(LR / WARMUP, LR, WARMUP - 1)
-    tx = training.make_optimizer(schedule, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, b1=BETAS[0], b2=BETAS[1])
+    if args.same_model:  # nanoGPT's decay rule: every parameter of two or more dimensions
+        tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(
+            schedule, b1=BETAS[0], b2=BETAS[1], weight_decay=WEIGHT_DECAY,
+            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+    else:
+        tx = training.make_optimizer(schedule, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, b1=BETAS[0], b2=BETAS[1])
     state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)
     step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0)
     loss_fn = jax.jit(training.make_loss_fn(model, "clm"))
@@ -153,13 +169,18 @@ def run_loop(args, one_step, state, evaluate) -> dict:
     for _ in range(2):
         state, _ = one_step(state)
     cpu_times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.timed_steps):
         start = time.process_time()
         state, metrics = one_step(state)
         cpu_times.append(time.process_time() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps - 3 - args.timed_steps):
         state, metrics = one_step(state)
     return {"cpu_s_per_step": statistics.median(cpu_times), "first_step_s": round(first_step_s, 2),
+            # of the timed steps' CPU time: the kernel's share (page faults), and the faults
+            "sys_s_per_step": (after.ru_stime - usage.ru_stime) / args.timed_steps,
+            "page_faults_per_step": round((after.ru_minflt - usage.ru_minflt) / args.timed_steps),
             "train_loss": float(metrics["loss"]), "val_loss": evaluate(state), "steps": args.steps}
 
 
@@ -169,6 +190,8 @@ def child(args, side: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    if args.malloc_hugepages:
+        env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--result", result.name]
         pin = ["taskset", "-c", str(args.core)] if args.core is not None else []
@@ -186,6 +209,10 @@ def main() -> None:
     parser.add_argument("--timed-steps", type=int, default=30)
     parser.add_argument("--core", type=int, default=1, help="CPU core both sides are pinned to (-1: none)")
     parser.add_argument("--attention-impl", default=None, help="ours: attention implementation (default auto)")
+    parser.add_argument("--same-model", action="store_true",
+                        help="ours: exact GELU and nanoGPT's weight-decay rule (default: off, each library's habit)")
+    parser.add_argument("--malloc-hugepages", action="store_true",
+                        help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (default: off, the plain environment)")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--side", choices=["ours", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -211,15 +238,17 @@ def main() -> None:
         sys.argv += ["--text", args.text]
     rows = {side: child(args, side) for side in ("nanogpt", "ours")}
     ratio = rows["ours"]["cpu_s_per_step"] / rows["nanogpt"]["cpu_s_per_step"]
-    print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}")
+    print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}, "
+          f"same model: {args.same_model}, malloc huge pages: {args.malloc_hugepages}")
     for side, r in rows.items():
-        print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step   val loss {r['val_loss']:.4f}   "
-              f"first step {r['first_step_s']} s")
+        print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step (system {1e3 * r['sys_s_per_step']:.1f}, "
+              f"{r['page_faults_per_step']} page faults)   val loss {r['val_loss']:.4f}   first step {r['first_step_s']} s")
     print(f"ours / nanoGPT CPU seconds per step: {ratio:.2f}x; val loss difference "
           f"{rows['ours']['val_loss'] - rows['nanogpt']['val_loss']:+.4f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": args.config, "model": cfg, "rows": rows, "ratio": ratio,
+                       "same_model": args.same_model, "malloc_hugepages": args.malloc_hugepages,
                        "date": time.strftime("%Y-%m-%d")}, f, indent=1)
     if not all(math.isfinite(r["val_loss"]) for r in rows.values()):
         sys.exit("a validation loss is not finite")

@@ -6,7 +6,9 @@
 For A/B runs of two source trees side by side (run it pinned to one core with one thread,
 as compare_nanogpt.py does, alternating the trees); nanoGPT is not needed. Random token
 batches (vocabulary 96); the median of --steps steps after the compiling one, process CPU
-clock (and the minimum, steadier on a loaded machine). --hlo writes the compiled step's HLO
+clock (and the minimum, steadier on a loaded machine), with the system (kernel) share of it and
+the minor page faults per step (XLA's CPU runtime takes a fresh temp buffer from the OS on
+every call, so each of its pages faults once per step). --hlo writes the compiled step's HLO
 text (fusions, dots) for inspection.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import time
@@ -62,16 +65,20 @@ def main() -> None:
     state, metrics = step(state, batch())  # compiles
     jax.block_until_ready(metrics)
     times = []
+    usage = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps):
         b = batch()
         start = time.process_time()
         state, metrics = step(state, b)
         jax.block_until_ready(metrics)
         times.append(time.process_time() - start)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"source": os.path.dirname(os.path.dirname(transformer_jax.__file__)),
                       "config": args.config, "attention_impl": args.attention_impl,
                       "cpu_ms_per_step": round(1e3 * statistics.median(times), 1),
-                      "cpu_ms_min": round(1e3 * min(times), 1)}))
+                      "cpu_ms_min": round(1e3 * min(times), 1),
+                      "sys_ms_per_step": round(1e3 * (after.ru_stime - usage.ru_stime) / args.steps, 1),
+                      "page_faults_per_step": round((after.ru_minflt - usage.ru_minflt) / args.steps)}))
 
 
 if __name__ == "__main__":

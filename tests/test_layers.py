@@ -182,6 +182,36 @@ def test_layer_norm_derivatives_match_float64_finite_differences():
         np.testing.assert_allclose(jax.jit(jacobian(f32))(v), expected, rtol=1e-4, atol=2e-5, err_msg=str(jacobian))
 
 
+@pytest.mark.parametrize("name", ["gelu", "gelu_exact"])
+def test_gelu_derivatives_match_float64(name):
+    """The GELUs' written-out derivatives (custom_jvp): first derivative in forward mode (jvp)
+    and reverse mode (grad), and the second derivative (forward over reverse), against the
+    float64 closed forms checked by central differences; the forward equals jax.nn.gelu's
+    exactly."""
+    from scipy.special import erf
+
+    from transformer_jax.layers.feedforward import activation_fn
+
+    x64 = np.concatenate([np.linspace(-9.0, 9.0, 721), normal(3, (500,), loc=0.0) * 2.5]).astype(np.float64)
+    c = np.sqrt(2 / np.pi)
+    if name == "gelu":
+        f64 = lambda x: 0.5 * x * (1 + np.tanh(c * (x + 0.044715 * x**3)))
+    else:
+        f64 = lambda x: 0.5 * x * (1 + erf(x / np.sqrt(2)))
+    h = 1e-5
+    d1 = (f64(x64 + h) - f64(x64 - h)) / (2 * h)
+    d2 = (f64(x64 + h) - 2 * f64(x64) + f64(x64 - h)) / h**2
+    act = activation_fn(name)
+    x = jnp.asarray(x64, jnp.float32)
+    np.testing.assert_array_equal(act(x), jax.nn.gelu(x, approximate=name == "gelu"))
+    np.testing.assert_allclose(act(x), f64(x64), rtol=1e-6, atol=1e-6)
+    slope_fwd = jax.jvp(act, (x,), (jnp.ones_like(x),))[1]
+    slope_rev = jax.grad(lambda v: jnp.sum(act(v)))(x)
+    curvature = jax.jvp(jax.grad(lambda v: jnp.sum(act(v))), (x,), (jnp.ones_like(x),))[1]
+    for got, want, tol in ((slope_fwd, d1, 2e-6), (slope_rev, d1, 2e-6), (curvature, d2, 2e-4)):
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
 def attention_reference(p, xq, xkv, cfg, mask, rotary_positions=None):
     """Multi-head attention in float64: projections, GQA by repeating kv heads, softmax."""
     q = np.einsum("btd,dhk->bthk", xq, p["query"]["kernel"]) + p["query"]["bias"]

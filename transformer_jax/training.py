@@ -310,14 +310,15 @@ def make_train_step(
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        keep_if_bad = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=keep_if_bad(params, state.params),
-            opt_state=keep_if_bad(opt_state, state.opt_state),
-        )
+        def update(params, opt_state):
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A conditional rather than a select between old and new values: XLA then updates the
+        # (donated) parameters and moments in place instead of copying every leaf first.
+        params, opt_state = jax.lax.cond(finite, update, lambda params, opt_state: (params, opt_state),
+                                         state.params, state.opt_state)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "weight": weight}
         return new_state, metrics
 
