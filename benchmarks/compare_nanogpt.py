@@ -94,13 +94,16 @@ def run_ours(args, cfg: dict) -> dict:
         num_layers=cfg["n_layer"], d_ff=4 * cfg["n_embd"], activation="gelu_exact" if args.same_model else "gelu",
         norm="layernorm",
         norm_position="pre", pos_encoding="learned", dtype="float32",
+        fused_qkv=True,  # the presets' (and train.py's) layout, and nanoGPT's c_attn
         attention_impl=args.attention_impl)
     model = models.DecoderLM(model_cfg)
     schedule = optax.linear_schedule(LR / WARMUP, LR, WARMUP - 1)
-    if args.same_model:  # nanoGPT's decay rule: every parameter of two or more dimensions
+    if args.same_model:  # nanoGPT's decay rule: its 2-D tensors, i.e. the weights and embeddings
+        # (our biases of the head-shaped projections have 2 or 3 axes but are 1-D in nanoGPT)
+        decayed = lambda path, p: p.ndim >= 2 and "bias" not in jax.tree_util.keystr(path)  # noqa: E731
         tx = optax.chain(optax.clip_by_global_norm(CLIP), optax.adamw(
             schedule, b1=BETAS[0], b2=BETAS[1], weight_decay=WEIGHT_DECAY,
-            mask=lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)))
+            mask=lambda params: jax.tree_util.tree_map_with_path(decayed, params)))
     else:
         tx = training.make_optimizer(schedule, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, b1=BETAS[0], b2=BETAS[1])
     state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)

@@ -48,7 +48,8 @@ def main() -> None:
     model = models.DecoderLM(config_lib.ModelConfig(
         vocab_size=VOCAB, max_len=cfg["block_size"], d_model=cfg["n_embd"], num_heads=cfg["n_head"],
         num_layers=cfg["n_layer"], d_ff=4 * cfg["n_embd"], activation="gelu", norm="layernorm",
-        norm_position="pre", pos_encoding="learned", dtype="float32", attention_impl=args.attention_impl))
+        norm_position="pre", pos_encoding="learned", dtype="float32", attention_impl=args.attention_impl,
+        fused_qkv=True))  # the presets' layout, as compare_nanogpt.py
     tx = training.make_optimizer(optax.linear_schedule(1e-4, 1e-3, 9), weight_decay=0.1, grad_clip=1.0,
                                  b1=0.9, b2=0.95)
     state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)
