@@ -331,10 +331,10 @@ def save_pretrained(path: str | os.PathLike, model: nn.Module, params: Any,
     when `tokenizer` is given, and modules.json + 1_Pooling/config.json when `pooling` is.
     A model with `fused_qkv` is saved as a gpt2 with its `qkv` kernels as `c_attn`; the
     other formats keep query, key and value apart, so its `qkv` is split for them (the
-    directory then loads as the same model with `fused_qkv=False`). Other files in `path` stay. Over a previous save, every file is written under a
-    temporary name first (a failure meanwhile leaves the previous save whole), then put
-    in place with config.json removed first and renamed in last: a crash amid those
-    renames leaves no config.json (loading fails with an error naming it), never the new
+    directory then loads as the same model with `fused_qkv=False`). Other files in `path`
+    stay. Over a previous save, every file is written under a temporary name first (a
+    failure meanwhile leaves the previous save whole), then put in place with config.json
+    removed first and renamed in last: a crash amid those renames leaves no config.json (loading fails with an error naming it), never the new
     weights beside the old config; the previous save's weight files the new one does not
     use are removed (see `safetensors_io.StagedCheckpoint.commit`).
     `token_ids` (e.g. {"pad_token_id": 58100, "decoder_start_token_id": 58100}) go into

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-
 from typing import Any
 
 from transformer_jax import run_dir
