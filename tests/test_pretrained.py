@@ -218,6 +218,15 @@ def test_save_refuses_what_the_format_cannot_hold(tmp_path):
 # ---------------------------------------------------------------- GPT-2's fused c_attn
 
 
+def random_inputs_and_params(model, seed: int):
+    """Tokens [2, 7] and parameters drawn from normal(0.3) (large enough that a misplaced
+    weight changes the logits) for `model`."""
+    rng = np.random.default_rng(seed)
+    tokens = jnp.asarray(rng.integers(0, model.cfg.vocab_size, (2, 7)), jnp.int32)
+    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
+    return tokens, jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+
+
 def test_gpt2_c_attn_loads_as_one_fused_kernel_without_a_copy(tmp_path, monkeypatch):
     """A GPT-2 loads with fused_qkv: c_attn [d, 3d] is the qkv kernel [d, 3, h, k] as it
     lies in the file, so a checkpoint our writer aligned loads with no weight copied (the
@@ -228,10 +237,7 @@ def test_gpt2_c_attn_loads_as_one_fused_kernel_without_a_copy(tmp_path, monkeypa
 
     cfg = get_config("tiny")  # separate query/key/value kernels, biases
     model = DecoderLM(cfg)
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-    rng = np.random.default_rng(1)
-    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    tokens, params = random_inputs_and_params(model, seed=0)
     save_pretrained(tmp_path, model, params)
 
     arenas = []
@@ -262,10 +268,7 @@ def test_a_fused_model_saves_to_a_format_that_keeps_q_k_v_apart(kind, tmp_path):
     else:
         cfg = get_config("tiny", fused_qkv=True, norm_position="post", embedding_norm=True, type_vocab_size=2)
         model = MaskedLM(cfg)
-    tokens = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
-    shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens)["params"])
-    rng = np.random.default_rng(3)
-    params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
+    tokens, params = random_inputs_and_params(model, seed=2)
     save_pretrained(tmp_path, model, params)
     pre = from_pretrained(tmp_path)
     assert not pre.config.fused_qkv and pre.config.kv_heads == cfg.num_heads
