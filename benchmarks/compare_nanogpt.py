@@ -19,6 +19,8 @@ pages): an environment setting, not a default of either library, off by default.
 ours because XLA's CPU runtime takes each step's temp buffer (0.2 GB at `small`, 3.5 GB at
 `char-small`) from malloc and frees it after the step, so every 4 KiB page of it faults again on
 every step (see benchmarks/RESULTS.md, "Fourth round"); torch's step does not.
+--reuse-host-memory runs ours as train.py --reuse-host-memory does (`run.host_memory`: malloc
+keeps freed memory, so those pages stay mapped, for several temp buffers of memory).
 Each side runs in its own child process pinned to the
 same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
 --timed-steps steps after warm-up (ours excludes compilation), measured with the process's
@@ -81,12 +83,17 @@ def lr_at(step: int) -> float:
 
 # ----------------------------------------------------------------------------- our side
 def run_ours(args, cfg: dict) -> dict:
+    from transformer_jax.run.host_memory import reuse_freed_host_memory
+
+    # train.py --reuse-host-memory: before JAX starts its backends
+    reused = args.reuse_host_memory and reuse_freed_host_memory()
     import jax
     import jax.numpy as jnp
     import optax
 
     from transformer_jax import config as config_lib
     from transformer_jax import models, training
+    from transformer_jax.run.compiler_options import step_compiler_options
 
     train, val, vocab = load_data(args.text)
     model_cfg = config_lib.ModelConfig(
@@ -107,8 +114,10 @@ def run_ours(args, cfg: dict) -> dict:
     else:
         tx = training.make_optimizer(schedule, weight_decay=WEIGHT_DECAY, grad_clip=CLIP, b1=BETAS[0], b2=BETAS[1])
     state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)
-    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0)
-    loss_fn = jax.jit(training.make_loss_fn(model, "clm"))
+    options = step_compiler_options(args.onednn)  # as train.py compiles its steps
+    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0,
+                   compiler_options=options)
+    loss_fn = jax.jit(training.make_loss_fn(model, "clm"), compiler_options=options)
     rng = np.random.default_rng(0)
 
     def one_step(state):
@@ -122,7 +131,7 @@ def run_ours(args, cfg: dict) -> dict:
                 for s in eval_starts(val, cfg)]
         return float(sum(total for total, _ in sums) / sum(weight for _, weight in sums))
 
-    return run_loop(args, one_step, state, lambda s: evaluate(s.params))
+    return {**run_loop(args, one_step, state, lambda s: evaluate(s.params)), "reuse_host_memory": reused}
 
 
 # ----------------------------------------------------------------------------- nanoGPT's side
@@ -216,6 +225,10 @@ def main() -> None:
                         help="ours: exact GELU and nanoGPT's weight-decay rule (default: off, each library's habit)")
     parser.add_argument("--malloc-hugepages", action="store_true",
                         help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (default: off, the plain environment)")
+    parser.add_argument("--no-onednn", dest="onednn", action="store_false",
+                        help="ours: as train.py --no-onednn (default: train.py's, products through oneDNN)")
+    parser.add_argument("--reuse-host-memory", action="store_true",
+                        help="ours: as train.py --reuse-host-memory (default: off, train.py's default)")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--side", choices=["ours", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -242,7 +255,9 @@ def main() -> None:
     rows = {side: child(args, side) for side in ("nanogpt", "ours")}
     ratio = rows["ours"]["cpu_s_per_step"] / rows["nanogpt"]["cpu_s_per_step"]
     print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}, "
-          f"same model: {args.same_model}, malloc huge pages: {args.malloc_hugepages}")
+          f"same model: {args.same_model}, malloc huge pages: {args.malloc_hugepages}, "
+          f"ours --reuse-host-memory: {rows['ours'].get('reuse_host_memory', False)}, "
+          f"ours oneDNN: {args.onednn}")
     for side, r in rows.items():
         print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step (system {1e3 * r['sys_s_per_step']:.1f}, "
               f"{r['page_faults_per_step']} page faults)   val loss {r['val_loss']:.4f}   first step {r['first_step_s']} s")

@@ -8,7 +8,8 @@ as compare_nanogpt.py does, alternating the trees); nanoGPT is not needed. Rando
 batches (vocabulary 96); the median of --steps steps after the compiling one, process CPU
 clock (and the minimum, steadier on a loaded machine), with the system (kernel) share of it and
 the minor page faults per step (XLA's CPU runtime takes a fresh temp buffer from the OS on
-every call, so each of its pages faults once per step). --hlo writes the compiled step's HLO
+every call, so each of its pages faults once per step; --reuse-host-memory as train.py's).
+--hlo writes the compiled step's HLO
 text (fusions, dots) for inspection.
 """
 from __future__ import annotations
@@ -35,8 +36,15 @@ def main() -> None:
     parser.add_argument("--attention-impl", default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hlo", help="write the compiled step's HLO text here")
+    parser.add_argument("--no-onednn", dest="onednn", action="store_false",
+                        help="as train.py --no-onednn (default: train.py's, products through oneDNN)")
+    parser.add_argument("--reuse-host-memory", action="store_true",
+                        help="as train.py --reuse-host-memory (default: off)")
     args = parser.parse_args()
 
+    if args.reuse_host_memory:  # train.py's first step with that flag (a tree that has it)
+        from transformer_jax.run.host_memory import reuse_freed_host_memory
+        reuse_freed_host_memory()
     import jax
     import jax.numpy as jnp
     import optax
@@ -53,7 +61,13 @@ def main() -> None:
     tx = training.make_optimizer(optax.linear_schedule(1e-4, 1e-3, 9), weight_decay=0.1, grad_clip=1.0,
                                  b1=0.9, b2=0.95)
     state = training.init_train_state(model, tx, (jnp.zeros((1, cfg["block_size"]), jnp.int32),), seed=0)
-    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0)
+    try:  # as train.py compiles its steps (a tree older than run/compiler_options.py: XLA's defaults)
+        from transformer_jax.run.compiler_options import step_compiler_options
+        options = step_compiler_options(args.onednn)
+    except ImportError:
+        options = None
+    step = jax.jit(training.make_train_step(training.make_loss_fn(model, "clm"), tx), donate_argnums=0,
+                   compiler_options=options)
     rng = np.random.default_rng(0)
 
     def batch() -> dict:
@@ -76,6 +90,7 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"source": os.path.dirname(os.path.dirname(transformer_jax.__file__)),
                       "config": args.config, "attention_impl": args.attention_impl,
+                      "reuse_host_memory": args.reuse_host_memory, "compiler_options": options,
                       "cpu_ms_per_step": round(1e3 * statistics.median(times), 1),
                       "cpu_ms_min": round(1e3 * min(times), 1),
                       "sys_ms_per_step": round(1e3 * (after.ru_stime - usage.ru_stime) / args.steps, 1),

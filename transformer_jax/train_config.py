@@ -50,6 +50,10 @@ class TrainConfig:
       distributed_timeout_s: multi-process runs: seconds to wait for every process to join
         (`sharding.initialize_distributed`) before exiting with a one-line error.
       compile_cache: keep jitted programs in JAX's persistent compilation cache.
+      reuse_host_memory: CPU: malloc keeps freed memory for the next step (faster steps,
+        several times the step's temp buffer held; `run.host_memory`). Takes effect only
+        before JAX's first computation.
+      onednn: CPU: the steps' matrix products through oneDNN (`run.compiler_options`).
       The rest: see `train.py --help`.
     """
 
@@ -89,6 +93,8 @@ class TrainConfig:
     process_id: int | None = None
     distributed_timeout_s: float = 300.0
     compile_cache: bool = True
+    reuse_host_memory: bool = False
+    onednn: bool = True
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

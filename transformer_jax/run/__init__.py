@@ -6,12 +6,14 @@
     print(generate_text(run.model, run.params, run.tokenizer, "def ", 100))
 
 Modules, one idea each:
-  trainer.py        train(): the run from validation to the final sample
-  steps.py          the optimiser and the jitted train/eval steps, on one device or a mesh
-  loop.py           the step loop: logging, evaluation, checkpoints, stop signals
-  out_dir.py        resume or start fresh: config.json, the compatibility rules
-  load.py           load_run(), and the parameters --init-from starts from
-  compile_cache.py  JAX's persistent compilation cache
+  trainer.py           train(): the run from validation to the final sample
+  steps.py             the optimiser and the jitted train/eval steps, on one device or a mesh
+  compiler_options.py  XLA options of those steps: on the CPU, matrix products through oneDNN
+  loop.py              the step loop: logging, evaluation, checkpoints, stop signals
+  out_dir.py           resume or start fresh: config.json, the compatibility rules
+  load.py              load_run(), and the parameters --init-from starts from
+  compile_cache.py     JAX's persistent compilation cache
+  host_memory.py       opt-in: malloc keeps freed host memory for the next step (CPU)
 """
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
 from transformer_jax.run.load import LoadedRun, init_params_from, load_run, read_run_config

@@ -11,6 +11,7 @@ import numpy as np
 
 from transformer_jax import sharding, training
 from transformer_jax.objectives import Objective, Task, get_objective
+from transformer_jax.run.compiler_options import step_compiler_options
 
 
 def make_run_mesh(spec: str | None) -> jax.sharding.Mesh | None:
@@ -53,9 +54,11 @@ def compile_run(task: Task, objective: str | Objective, *, lr: float, warmup_ste
                 decay_steps: int, batch_size: int, weight_decay: float = 0.1,
                 grad_clip: float | None = 1.0, freeze: str | None = None, seed: int = 0,
                 label_smoothing: float = 0.0, accum_steps: int = 1,
-                mesh: jax.sharding.Mesh | None = None) -> CompiledRun:
+                mesh: jax.sharding.Mesh | None = None, onednn: bool = True) -> CompiledRun:
     """Optimiser (AdamW, warmup + cosine), state initialiser and jitted train/eval steps of
     `task`, sharded over `mesh` if any (batches of `batch_size` rows split over data*fsdp).
+    On the CPU the steps' matrix products go through oneDNN unless `onednn` is False
+    (`run.compiler_options`).
 
     Raises ValueError before compiling: a `freeze` regex matching no or every parameter,
     or a batch that does not split over the mesh.
@@ -90,7 +93,8 @@ def compile_run(task: Task, objective: str | Objective, *, lr: float, warmup_ste
         jit_state = jit_step = jit_eval = {}
     objective = get_objective(objective)
     loss_fn = training.make_loss_fn(task.model, objective, label_smoothing=label_smoothing)
+    options = step_compiler_options(onednn)
     train_step = jax.jit(training.make_train_step(loss_fn, tx, accum_steps=accum_steps),
-                         donate_argnums=0, **jit_step)
-    eval_step = jax.jit(training.make_loss_fn(task.model, objective), **jit_eval)
+                         donate_argnums=0, compiler_options=options, **jit_step)
+    eval_step = jax.jit(training.make_loss_fn(task.model, objective), compiler_options=options, **jit_eval)
     return CompiledRun(schedule, init_fn, abstract, mesh, state_sh, jit_state, put, train_step, eval_step)

@@ -14,6 +14,7 @@ from transformer_jax.config import ModelConfig, field_defaults, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
+from transformer_jax.run.host_memory import reuse_freed_host_memory
 from transformer_jax.run.load import init_params_from, load_source_model
 from transformer_jax.run.source import load_run_tokenizer
 from transformer_jax.run.loop import train_loop
@@ -109,6 +110,8 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config={config!r}: expected a TrainConfig")
+    if config.reuse_host_memory:  # first: it must come before JAX starts its backends
+        reuse_freed_host_memory()
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
                                     timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
@@ -125,7 +128,8 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
                       decay_steps=resolved.decay_steps, batch_size=resolved.batch_size,
                       weight_decay=resolved.weight_decay, grad_clip=resolved.grad_clip,
                       freeze=resolved.freeze, seed=resolved.seed, label_smoothing=resolved.label_smoothing,
-                      accum_steps=resolved.accum_steps, mesh=make_run_mesh(resolved.mesh))
+                      accum_steps=resolved.accum_steps, mesh=make_run_mesh(resolved.mesh),
+                      onednn=resolved.onednn)
     # Only once every setting has been validated: one writer per run (process 0 holds the
     # lock until the run ends), and a full disk anywhere in the run is one error naming it.
     with run_dir.disk_full_as_error(resolved.out_dir, "training"), \

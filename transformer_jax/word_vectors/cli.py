@@ -25,8 +25,8 @@ WORD_VECTOR_FLAGS = {  # flag dest -> WordVectorConfig field
 WORD_ONLY_FLAGS = {"dimension", "window", "negatives", "shared_negatives", "min_count", "sample", "epochs",
                    "x_max", "min_lr", "lowercase"}
 SHARED_FLAGS = {*WORD_VECTOR_FLAGS, "objective", "out_dir", "max_steps", "mesh", "coordinator_address",
-                "num_processes", "process_id", "distributed_timeout_s", "compile_cache", "overwrite",
-                "resume"}
+                "num_processes", "process_id", "distributed_timeout_s", "compile_cache", "reuse_host_memory",
+                "overwrite", "resume"}
 
 
 def set_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, names) -> list[str]:
@@ -63,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser, positive_int: Callable, nonne
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     """`train.py --objective cbow|skipgram|glove`: word vectors into --out-dir/vectors.txt."""
     from transformer_jax import sharding
+    from transformer_jax.run.host_memory import reuse_freed_host_memory
     from transformer_jax.word_vectors import WordVectorConfig, train_word_vectors
 
     unused = set_flags(args, parser, set(vars(args)) - SHARED_FLAGS)
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     config = WordVectorConfig(objective=args.objective, **fields)
     label = os.path.splitext(os.path.basename(os.path.normpath(config.data)))[0] or "data"
     out_dir = args.out_dir or os.path.join("runs", f"{args.objective}-{label}")
+    if args.reuse_host_memory:  # before JAX starts its backends (see run.host_memory)
+        reuse_freed_host_memory()
     if args.num_processes or args.coordinator_address:
         sharding.initialize_distributed(args.coordinator_address, args.num_processes, args.process_id,
                                         timeout_s=args.distributed_timeout_s)

@@ -1,0 +1,121 @@
+"""run/host_memory.py: malloc keeps XLA's freed CPU temp buffers, so their pages stop faulting.
+
+Each case runs in a fresh Python: the setting is process-wide and must come before JAX
+starts its backends (this test process started them long ago).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from transformer_jax.run import host_memory
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+
+# One jitted call whose compiled temp buffer is a single 64 MiB array (exp(x), the dot's
+# operand); it reports the temp size and each call's minor page faults after a first call.
+# One device (not the suite's eight) pinned to one core: with more, the runtime may free a
+# call's buffer only after the next call took a new one, and the heap grows by a buffer now
+# and then (the memory cost the module's docstring states).
+PROBE = """
+import json, os, resource, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from transformer_jax.run.host_memory import reuse_freed_host_memory
+mode = sys.argv[1]
+applied = reuse_freed_host_memory() if mode in ("reuse", "accelerator") else None
+import jax, jax.numpy as jnp
+late = reuse_freed_host_memory() if mode == "late" else None  # imported, backends not started
+if mode == "accelerator":  # asked while JAX_PLATFORMS named a GPU; compute on the CPU here
+    jax.config.update("jax_platforms", "cpu")
+f = jax.jit(lambda x: jnp.dot(jnp.exp(x), jnp.cos(x)[::-1]))
+x = jnp.ones((1 << 24,), jnp.float32)
+compiled = f.lower(x).compile()
+compiled(x).block_until_ready()
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    compiled(x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "late": late, "faults": faults,
+                  "temp_pages": compiled.memory_analysis().temp_size_in_bytes // 4096}))
+"""
+
+
+def probe(mode: str, **env: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": ROOT, **env},
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@needs_glibc
+def test_reused_host_memory_stops_the_temp_buffer_faulting_every_call():
+    plain, reused = probe("plain"), probe("reuse")
+    pages = plain["temp_pages"]
+    assert pages >= (64 << 20) // 4096  # the premise: a block malloc would mmap afresh
+    assert plain["applied"] is None and reused["applied"] is True
+    assert min(plain["faults"]) >= pages  # every page of the temp buffer, on every call
+    # the heap may still grow by a buffer in the first calls (the module's memory cost); then
+    # the freed buffer is the next call's
+    assert max(reused["faults"][4:]) < pages // 10
+
+
+@needs_glibc
+def test_it_is_in_time_until_the_backends_start_and_refuses_after():
+    late = probe("late")  # jax imported, no backend yet
+    assert late["late"] is True and max(late["faults"][4:]) < late["temp_pages"] // 10
+    import jax
+
+    jax.devices()  # this process: started; the runtime's threads hold their own arenas
+    assert host_memory.backends_started()
+    assert host_memory.reuse_freed_host_memory() is False
+
+
+@needs_glibc
+def test_it_changes_nothing_where_an_accelerator_may_compute():
+    gpu = probe("accelerator", JAX_PLATFORMS="cuda")
+    assert gpu["applied"] is False and min(gpu["faults"]) >= gpu["temp_pages"]
+
+
+def test_cpu_only_reads_the_chosen_platforms(monkeypatch):
+    monkeypatch.setattr(host_memory.sys, "modules", {k: v for k, v in sys.modules.items() if k != "jax"})
+    for chosen, expected in (("cpu", True), ("cuda", False), ("cpu,tpu", False), (" cpu ", True)):
+        monkeypatch.setenv("JAX_PLATFORMS", chosen)
+        assert host_memory.cpu_only() is expected, chosen
+
+
+@needs_glibc
+def test_train_py_applies_it_before_jax_starts_when_asked(tmp_path):
+    # train.py --reuse-host-memory: the trainer's first act, before any backend exists; the
+    # run is stopped right there (a stand-in raises once it has called the real function)
+    script = """
+import json, sys
+from transformer_jax.run import trainer
+real = trainer.reuse_freed_host_memory
+def first(): print(json.dumps({"applied": real()})); raise SystemExit(0)
+trainer.reuse_freed_host_memory = first
+import train
+train.main(sys.argv[1:])
+raise SystemExit("the trainer did not ask for it")
+"""
+    out = subprocess.run([sys.executable, "-c", script, "--preset", "tiny", "--out-dir", str(tmp_path / "run"),
+                          "--reuse-host-memory"], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"applied": True}
+
+
+def test_it_is_off_by_default():
+    import train
+    from transformer_jax import TrainConfig
+
+    assert TrainConfig().reuse_host_memory is False
+    assert train.config_from_args(train.build_parser().parse_args([])).reuse_host_memory is False

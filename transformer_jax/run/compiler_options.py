@@ -1,0 +1,25 @@
+"""XLA compiler options of the training steps: on the CPU, matrix products through oneDNN.
+
+XLA's CPU backend gives the products that its YNNPACK fusions do not take (the weight
+gradients, the batched products of attention's backward with a transposed operand) to
+Eigen's generic dot. Handing each of those to oneDNN instead (XLA's
+`xla_cpu_experimental_onednn_fusion_type` INDIVIDUAL_DOT; the same library PyTorch's CPU
+matmuls use) cut the user time of a `small` training step by a sixth, at the same float32
+accuracy (benchmarks/RESULTS.md, "oneDNN dots"). The option is experimental in XLA, so
+`TrainConfig(onednn=False)` / `train.py --no-onednn` compiles without it.
+"""
+from __future__ import annotations
+
+import jax
+
+ONEDNN_DOTS = {
+    "xla_cpu_use_onednn": True,
+    # the enum's full name: XLA's option parser takes no short form
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+}
+
+
+def step_compiler_options(onednn: bool = True) -> dict | None:
+    """`jax.jit(..., compiler_options=...)` for a training or evaluation step: ONEDNN_DOTS
+    when `onednn` and JAX's default backend is the CPU, else None (XLA's defaults)."""
+    return dict(ONEDNN_DOTS) if onednn and jax.default_backend() == "cpu" else None
