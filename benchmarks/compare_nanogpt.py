@@ -225,8 +225,8 @@ def main() -> None:
                         help="ours: exact GELU and nanoGPT's weight-decay rule (default: off, each library's habit)")
     parser.add_argument("--malloc-hugepages", action="store_true",
                         help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (default: off, the plain environment)")
-    parser.add_argument("--no-onednn", dest="onednn", action="store_false",
-                        help="ours: as train.py --no-onednn (default: train.py's, products through oneDNN)")
+    parser.add_argument("--onednn", action="store_true",
+                        help="ours: as train.py --onednn (default: off, train.py's default)")
     parser.add_argument("--reuse-host-memory", action="store_true",
                         help="ours: as train.py --reuse-host-memory (default: off, train.py's default)")
     parser.add_argument("--json", help="write the result here")

@@ -36,8 +36,7 @@ def main() -> None:
     parser.add_argument("--attention-impl", default=None)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hlo", help="write the compiled step's HLO text here")
-    parser.add_argument("--no-onednn", dest="onednn", action="store_false",
-                        help="as train.py --no-onednn (default: train.py's, products through oneDNN)")
+    parser.add_argument("--onednn", action="store_true", help="as train.py --onednn (default: off)")
     parser.add_argument("--reuse-host-memory", action="store_true",
                         help="as train.py --reuse-host-memory (default: off)")
     args = parser.parse_args()

@@ -53,7 +53,8 @@ class TrainConfig:
       reuse_host_memory: CPU: malloc keeps freed memory for the next step (faster steps,
         several times the step's temp buffer held; `run.host_memory`). Takes effect only
         before JAX's first computation.
-      onednn: CPU: the steps' matrix products through oneDNN (`run.compiler_options`).
+      onednn: CPU: the steps' matrix products through oneDNN, an experimental XLA option
+        (`run.compiler_options`).
       The rest: see `train.py --help`.
     """
 
@@ -94,7 +95,7 @@ class TrainConfig:
     distributed_timeout_s: float = 300.0
     compile_cache: bool = True
     reuse_host_memory: bool = False
-    onednn: bool = True
+    onednn: bool = False
     model: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):

@@ -8,7 +8,7 @@
 Modules, one idea each:
   trainer.py           train(): the run from validation to the final sample
   steps.py             the optimiser and the jitted train/eval steps, on one device or a mesh
-  compiler_options.py  XLA options of those steps: on the CPU, matrix products through oneDNN
+  compiler_options.py  opt-in XLA options of those steps: CPU matrix products through oneDNN
   loop.py              the step loop: logging, evaluation, checkpoints, stop signals
   out_dir.py           resume or start fresh: config.json, the compatibility rules
   load.py              load_run(), and the parameters --init-from starts from

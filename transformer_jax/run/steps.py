@@ -54,11 +54,10 @@ def compile_run(task: Task, objective: str | Objective, *, lr: float, warmup_ste
                 decay_steps: int, batch_size: int, weight_decay: float = 0.1,
                 grad_clip: float | None = 1.0, freeze: str | None = None, seed: int = 0,
                 label_smoothing: float = 0.0, accum_steps: int = 1,
-                mesh: jax.sharding.Mesh | None = None, onednn: bool = True) -> CompiledRun:
+                mesh: jax.sharding.Mesh | None = None, onednn: bool = False) -> CompiledRun:
     """Optimiser (AdamW, warmup + cosine), state initialiser and jitted train/eval steps of
     `task`, sharded over `mesh` if any (batches of `batch_size` rows split over data*fsdp).
-    On the CPU the steps' matrix products go through oneDNN unless `onednn` is False
-    (`run.compiler_options`).
+    `onednn`: on the CPU, the steps' matrix products through oneDNN (`run.compiler_options`).
 
     Raises ValueError before compiling: a `freeze` regex matching no or every parameter,
     or a batch that does not split over the mesh.
