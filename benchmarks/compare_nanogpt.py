@@ -19,8 +19,9 @@ pages): an environment setting, not a default of either library, off by default.
 ours because XLA's CPU runtime takes each step's temp buffer (0.2 GB at `small`, 3.5 GB at
 `char-small`) from malloc and frees it after the step, so every 4 KiB page of it faults again on
 every step (see benchmarks/RESULTS.md, "Fourth round"); torch's step does not.
---reuse-host-memory runs ours as train.py --reuse-host-memory does (`run.host_memory`: malloc
-keeps freed memory, so those pages stay mapped, for several temp buffers of memory).
+--reuse-host-memory and --onednn run ours as train.py's flags of those names do (malloc keeps
+freed memory, so those pages stay mapped, for several temp buffers of memory; the matrix
+products through oneDNN): both opt-in, see run/host_memory.py and run/compiler_options.py.
 Each side runs in its own child process pinned to the
 same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
 --timed-steps steps after warm-up (ours excludes compilation), measured with the process's

@@ -119,3 +119,16 @@ def test_it_is_off_by_default():
 
     assert TrainConfig().reuse_host_memory is False
     assert train.config_from_args(train.build_parser().parse_args([])).reuse_host_memory is False
+
+
+def test_train_says_when_it_could_not_apply_it(tmp_path):
+    import jax
+
+    from transformer_jax import TrainConfig, train
+
+    jax.devices()  # as in a notebook that computed something first: too late
+    lines = []
+    train(TrainConfig(preset="tiny", max_steps=1, seq_len=16, batch_size=4, mesh="none", sample_tokens=0,
+                      compile_cache=False, out_dir=str(tmp_path / "run"), reuse_host_memory=True),
+          say=lines.append)
+    assert any(line.startswith("reuse_host_memory: not applied") for line in lines), lines

@@ -11,8 +11,8 @@ the heap instead of mmap, and no trimming of the heap back to the OS. A step's t
 is then memory an earlier step freed, and its pages stay mapped.
 
 The price, and why it is not the default: freed blocks are reused only where they still
-fit, so the heap grows to several temp buffers (measured: 3, i.e. 1.4 GB instead of 0.8 at
-`small` and 11 GB instead of 4.5 at `char-small`) and the process keeps that until it exits.
+fit, so the heap grows by several temp buffers (measured: three or four, 1.4 GB instead of
+0.8 at `small` and 11 GB instead of 4.5 at `char-small`), kept until the process exits.
 
 It must run before JAX starts its backends (the first computation, `jax.devices()`,
 `jax.default_backend()`): the runtime's threads take their malloc arenas then, and keep

@@ -110,14 +110,17 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config={config!r}: expected a TrainConfig")
-    if config.reuse_host_memory:  # first: it must come before JAX starts its backends
-        reuse_freed_host_memory()
+    # first: it must come before JAX starts its backends
+    reused = config.reuse_host_memory and reuse_freed_host_memory()
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
                                     timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
     resolved = config.resolve(accelerator=jax.default_backend() != "cpu")
     is_main = jax.process_index() == 0
     say = say or (print if is_main else (lambda *a, **k: None))
+    if config.reuse_host_memory and not reused:
+        say("reuse_host_memory: not applied (JAX had already started its backends, or this is not a "
+            "CPU-only setup on glibc; see transformer_jax.run.host_memory)")
     objective = get_objective(resolved.objective)
 
     task, cfg, tokenizer = build_task(resolved)
