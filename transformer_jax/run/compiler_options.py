@@ -12,7 +12,9 @@ Why it is not the default: the option is experimental in XLA, and jaxlib 0.10.2 
 process (`object_pool.h: Check failed: available_.size() == num_created_`, in
 ~OneDnnFusionThunk) when a compiled program is destroyed while its last execution is still
 finishing: seen in 2 of about 20 runs of a test that dropped its jitted steps right after
-their last call. `train` keeps its steps until every execution has been read back.
+their last call. `train` keeps its steps until every execution has been read back. Nor can
+JAX's persistent compilation cache store such a program ("ToProto is not implemented for
+thunk kind: onednn-fusion", a warning): with the option, every run compiles its steps afresh.
 """
 from __future__ import annotations
 
