@@ -19,7 +19,6 @@ SEQ, BATCH = 16, 4
 # while its last execution is finishing (run/compiler_options.py), as a dropped run could be.
 KEEP_ALIVE = []
 
-
 TASK = Task(DecoderLM(ModelConfig(vocab_size=50, max_len=SEQ, d_model=32, num_heads=4, num_layers=2, d_ff=64,
                                   fused_qkv=True)),
             (jnp.zeros((1, SEQ), jnp.int32),), train_batch=None, val_batches=[], tokens_per_batch=BATCH * SEQ)
@@ -48,7 +47,8 @@ def test_the_steps_compile_their_products_to_onednn_and_agree_with_xla_kernels()
         run = compile_run(TASK, "clm", lr=1e-2, warmup_steps=0, decay_steps=100, batch_size=BATCH, onednn=onednn)
         KEEP_ALIVE.append(run)
         state = run.init_state()
-        compiled = [run.train_step.lower(state, batches[0]).compile(), run.eval_step.lower(state.params, batches[0]).compile()]
+        compiled = [run.train_step.lower(state, batches[0]).compile(),
+                    run.eval_step.lower(state.params, batches[0]).compile()]
         KEEP_ALIVE.append(compiled)
         assert all(("__onednn_fusion" in c.as_text()) is onednn for c in compiled)
         # the gradient of the first batch, compiled as the steps are
