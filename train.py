@@ -133,9 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-compile-cache", dest="compile_cache", action="store_false",
                      help="compile afresh instead of using JAX's persistent compilation cache "
                           "(~/.cache/transformer_jax/jax_compilation_cache)")
-    run.add_argument("--reuse-host-memory", action="store_true",
-                     help="CPU: malloc keeps each step's freed buffers for the next step, ~20%% faster "
-                          "steps for several times the step's temp memory (default: off)")
+    run.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_const", const=False,
+                     default=None,
+                     help="CPU: let malloc return each step's freed temp memory to the OS (default: "
+                          "model training keeps it for the next step, steps ~20%% cheaper, one step "
+                          "in flight; word vectors do not)")
+    run.add_argument("--reuse-host-memory", dest="reuse_host_memory", action="store_const", const=True,
+                     help="keep it, and say so where it cannot apply (word vectors too)")
     run.add_argument("--onednn", action="store_true",
                      help="CPU: the steps' matrix products through oneDNN, an experimental XLA option, "
                           "~10%% cheaper steps (default: off, XLA's own kernels)")

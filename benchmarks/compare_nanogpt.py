@@ -19,9 +19,10 @@ pages): an environment setting, not a default of either library, off by default.
 ours because XLA's CPU runtime takes each step's temp buffer (0.2 GB at `small`, 3.5 GB at
 `char-small`) from malloc and frees it after the step, so every 4 KiB page of it faults again on
 every step (see benchmarks/RESULTS.md, "Fourth round"); torch's step does not.
---reuse-host-memory and --onednn run ours as train.py's flags of those names do (malloc keeps
-freed memory, so those pages stay mapped, for several temp buffers of memory; the matrix
-products through oneDNN): both opt-in, see run/host_memory.py and run/compiler_options.py.
+Ours is built as train.py builds it: malloc keeps each step's freed temp memory for the next
+step (train.py's default; --no-reuse-host-memory gives ours malloc's defaults, as train.py's
+flag of that name; see run/host_memory.py). --onednn runs the matrix products through
+oneDNN, as train.py's opt-in flag of that name (run/compiler_options.py).
 Each side runs in its own child process pinned to the
 same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
 --timed-steps steps after warm-up (ours excludes compilation), measured with the process's
@@ -86,7 +87,7 @@ def lr_at(step: int) -> float:
 def run_ours(args, cfg: dict) -> dict:
     from transformer_jax.run.host_memory import reuse_freed_host_memory
 
-    # train.py --reuse-host-memory: before JAX starts its backends
+    # as train.py (default on): before JAX starts its backends
     reused = args.reuse_host_memory and reuse_freed_host_memory()
     import jax
     import jax.numpy as jnp
@@ -228,8 +229,8 @@ def main() -> None:
                         help="both sides: GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (default: off, the plain environment)")
     parser.add_argument("--onednn", action="store_true",
                         help="ours: as train.py --onednn (default: off, train.py's default)")
-    parser.add_argument("--reuse-host-memory", action="store_true",
-                        help="ours: as train.py --reuse-host-memory (default: off, train.py's default)")
+    parser.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
+                        help="ours: as train.py --no-reuse-host-memory (default: on, train.py's default)")
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--side", choices=["ours", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -257,7 +258,7 @@ def main() -> None:
     ratio = rows["ours"]["cpu_s_per_step"] / rows["nanogpt"]["cpu_s_per_step"]
     print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}, "
           f"same model: {args.same_model}, malloc huge pages: {args.malloc_hugepages}, "
-          f"ours --reuse-host-memory: {rows['ours'].get('reuse_host_memory', False)}, "
+          f"ours reuses host memory: {rows['ours'].get('reuse_host_memory', False)}, "
           f"ours oneDNN: {args.onednn}")
     for side, r in rows.items():
         print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step (system {1e3 * r['sys_s_per_step']:.1f}, "

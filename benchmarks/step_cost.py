@@ -7,8 +7,8 @@ For A/B runs of two source trees side by side (run it pinned to one core with on
 as compare_nanogpt.py does, alternating the trees); nanoGPT is not needed. Random token
 batches (vocabulary 96); the median of --steps steps after the compiling one, process CPU
 clock (and the minimum, steadier on a loaded machine), with the system (kernel) share of it and
-the minor page faults per step (XLA's CPU runtime takes a fresh temp buffer from the OS on
-every call, so each of its pages faults once per step). --reuse-host-memory and --onednn as
+the minor page faults per step (with --no-reuse-host-memory, XLA's CPU runtime takes a fresh
+temp buffer from the OS on every call, so each of its pages faults once per step). --no-reuse-host-memory and --onednn as
 train.py's flags. --hlo writes the compiled step's HLO text (fusions, dots) for inspection.
 """
 from __future__ import annotations
@@ -36,13 +36,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--hlo", help="write the compiled step's HLO text here")
     parser.add_argument("--onednn", action="store_true", help="as train.py --onednn (default: off)")
-    parser.add_argument("--reuse-host-memory", action="store_true",
-                        help="as train.py --reuse-host-memory (default: off)")
+    parser.add_argument("--no-reuse-host-memory", dest="reuse_host_memory", action="store_false",
+                        help="as train.py --no-reuse-host-memory (default: on, as train.py)")
     args = parser.parse_args()
 
-    if args.reuse_host_memory:  # train.py's first step with that flag (a tree that has it)
-        from transformer_jax.run.host_memory import reuse_freed_host_memory
-        reuse_freed_host_memory()
+    reused = False
+    if args.reuse_host_memory:  # train.py's first step (a tree that has run/host_memory.py)
+        try:
+            from transformer_jax.run.host_memory import reuse_freed_host_memory
+            reused = reuse_freed_host_memory()
+        except ImportError:
+            pass
     import jax
     import jax.numpy as jnp
     import optax
@@ -88,7 +92,7 @@ def main() -> None:
     after = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"source": os.path.dirname(os.path.dirname(transformer_jax.__file__)),
                       "config": args.config, "attention_impl": args.attention_impl,
-                      "reuse_host_memory": args.reuse_host_memory, "compiler_options": options,
+                      "reuse_host_memory": reused, "compiler_options": options,
                       "cpu_ms_per_step": round(1e3 * statistics.median(times), 1),
                       "cpu_ms_min": round(1e3 * min(times), 1),
                       "sys_ms_per_step": round(1e3 * (after.ru_stime - usage.ru_stime) / args.steps, 1),

@@ -14,3 +14,11 @@ if _platform == "cpu":
 else:
     os.environ["JAX_PLATFORMS"] = _platform
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+# `train` makes malloc keep freed memory for good when it runs before JAX's first
+# computation (run/host_memory.py); a test worker is one process for many tests, so its
+# backends start here and in-process runs keep malloc's defaults (tests/test_host_memory.py
+# checks the setting in fresh processes).
+import jax  # noqa: E402
+
+jax.devices()

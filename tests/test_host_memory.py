@@ -92,11 +92,7 @@ def test_cpu_only_reads_the_chosen_platforms(monkeypatch):
         assert host_memory.cpu_only() is expected, chosen
 
 
-@needs_glibc
-def test_train_py_applies_it_before_jax_starts_when_asked(tmp_path):
-    # train.py --reuse-host-memory: the trainer's first act, before any backend exists; the
-    # run is stopped right there (a stand-in raises once it has called the real function)
-    script = """
+TRAIN_PY_PROBE = """
 import json, sys
 from transformer_jax.run import trainer
 real = trainer.reuse_freed_host_memory
@@ -104,31 +100,70 @@ def first(): print(json.dumps({"applied": real()})); raise SystemExit(0)
 trainer.reuse_freed_host_memory = first
 import train
 train.main(sys.argv[1:])
-raise SystemExit("the trainer did not ask for it")
+print(json.dumps({"applied": None}))  # the trainer did not ask for it
 """
-    out = subprocess.run([sys.executable, "-c", script, "--preset", "tiny", "--out-dir", str(tmp_path / "run"),
-                          "--reuse-host-memory"], capture_output=True, text=True, cwd=ROOT,
+
+
+def train_py_applied(tmp_path, *flags: str):
+    """What train.py with `flags` did about it: True/False from the trainer's first act, before
+    any backend exists (the run stops right there), or None if it never asked."""
+    out = subprocess.run([sys.executable, "-c", TRAIN_PY_PROBE, "--preset", "tiny", "--out-dir",
+                          str(tmp_path / "run"), *flags], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"applied": True}
+    return json.loads(out.stdout.strip().splitlines()[-1])["applied"]
 
 
-def test_it_is_off_by_default():
+@needs_glibc
+def test_train_py_applies_it_before_jax_starts_by_default(tmp_path):
+    assert train_py_applied(tmp_path) is True
+
+
+def test_train_py_and_train_config_defaults():
     import train
     from transformer_jax import TrainConfig
 
-    assert TrainConfig().reuse_host_memory is False
-    assert train.config_from_args(train.build_parser().parse_args([])).reuse_host_memory is False
+    assert TrainConfig().reuse_host_memory is None  # wherever it can apply
+    parse = lambda *argv: train.config_from_args(train.build_parser().parse_args(list(argv)))  # noqa: E731
+    assert parse().reuse_host_memory is None
+    assert parse("--no-reuse-host-memory").reuse_host_memory is False
+    assert parse("--reuse-host-memory").reuse_host_memory is True
 
 
-def test_train_says_when_it_could_not_apply_it(tmp_path):
+def test_train_says_when_it_could_not_apply_what_was_asked(tmp_path):
     import jax
 
     from transformer_jax import TrainConfig, train
 
     jax.devices()  # as in a notebook that computed something first: too late
-    lines = []
-    train(TrainConfig(preset="tiny", max_steps=1, seq_len=16, batch_size=4, mesh="none", sample_tokens=0,
-                      compile_cache=False, out_dir=str(tmp_path / "run"), reuse_host_memory=True),
-          say=lines.append)
-    assert any(line.startswith("reuse_host_memory: not applied") for line in lines), lines
+    said = {}
+    for asked in (True, None):
+        lines = said[asked] = []
+        result = train(TrainConfig(preset="tiny", max_steps=1, seq_len=16, batch_size=4, mesh="none",
+                                   sample_tokens=0, compile_cache=False, out_dir=str(tmp_path / str(asked)),
+                                   reuse_host_memory=asked), say=lines.append)
+        assert result.config.reuse_host_memory is False  # the resolved config: not in effect
+    assert any(line.startswith("reuse_host_memory: not applied") for line in said[True]), said[True]
+    assert not any("reuse_host_memory" in line for line in said[None]), said[None]  # the default: quiet
+
+
+def test_the_loop_runs_one_step_at_a_time_while_it_is_in_effect(tmp_path, monkeypatch):
+    # in effect, two steps' temp buffers alive at once would grow the kept heap for good
+    # (the module's docstring): the loop waits for each step before queueing the next
+    import jax
+
+    from transformer_jax import TrainConfig, train
+    from transformer_jax.run import trainer
+
+    real_wait, waited = jax.block_until_ready, []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(1) or real_wait(x))
+    counts = {}
+    for in_effect in (False, True):
+        monkeypatch.setattr(trainer, "reuse_freed_host_memory", lambda: in_effect)
+        waited.clear()
+        train(TrainConfig(preset="tiny", max_steps=5, seq_len=16, batch_size=4, mesh="none", sample_tokens=0,
+                          compile_cache=False, log_every=100, eval_every=100, checkpoint_every=100,
+                          out_dir=str(tmp_path / str(in_effect))), say=lambda _: None)
+        counts[in_effect] = len(waited)
+    # one wait per step on top of the loop's own (the first step's, for its timing)
+    assert counts[True] - counts[False] == 5, counts

@@ -1,18 +1,24 @@
-"""Opt-in: malloc keeps the host memory a CPU training step frees, for the next step (glibc).
+"""malloc keeps the host memory a CPU training step frees, for the next step (glibc).
 
 XLA's CPU runtime takes every call's temp buffer from malloc and frees it when the call
 ends (0.2 GB a step at the `small` benchmark model, 3.4 GB at `char-small`). glibc serves a
 block that large with a fresh mmap, so each of its 4 KiB pages faults, and is zeroed by
-the kernel, again on every step: a fifth of a `small` CPU step (benchmarks/RESULTS.md).
+the kernel, again on every step: a fifth of a `small` CPU step, a quarter of `char-small`'s
+(benchmarks/RESULTS.md).
 
 `reuse_freed_host_memory` sets three malloc parameters: one arena for every thread (a
 thread's own arena cannot hold a block over 64 MiB and would mmap it), large blocks from
 the heap instead of mmap, and no trimming of the heap back to the OS. A step's temp buffer
 is then memory an earlier step freed, and its pages stay mapped.
 
-The price, and why it is not the default: freed blocks are reused only where they still
-fit, so the heap grows by several temp buffers (measured: three or four, 1.4 GB instead of
-0.8 at `small` and 11 GB instead of 4.5 at `char-small`), kept until the process exits.
+The price is memory held, not returned: freed blocks are reused only where they still fit
+(XLA asks for 64-byte aligned blocks, which glibc 2.36 serves from a hole only if it is a
+little larger than the block), so with two steps' buffers alive at once the heap grew by
+three or four buffers (1.4 GB instead of 0.8 at `small`, 11 GB instead of 4.5 at
+`char-small`). The training loop therefore runs one step at a time when this is applied
+(`run.loop.train_loop`): the heap then stays within about one buffer of
+the peak of a run without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`).
+`train` applies it by default (`TrainConfig.reuse_host_memory`).
 
 It must run before JAX starts its backends (the first computation, `jax.devices()`,
 `jax.default_backend()`): the runtime's threads take their malloc arenas then, and keep
@@ -54,12 +60,19 @@ def cpu_only() -> bool:
             and importlib.util.find_spec("jax_plugins") is None and importlib.util.find_spec("libtpu") is None)
 
 
+_applied = False  # by an earlier call in this process
+
+
 def reuse_freed_host_memory() -> bool:
     """Make malloc keep and reuse freed memory for the rest of the process, so XLA's per-call
     CPU temp buffers stop faulting in fresh pages (at the memory cost in the module's
-    docstring). Returns True when applied; False, changing nothing, off glibc, where an
-    accelerator may compute (`cpu_only`), or once JAX's backends have started (too late to
-    reach the runtime's threads). Process-wide and irreversible."""
+    docstring). Returns True when in effect (applied now or by an earlier call); False,
+    changing nothing, off glibc, where an accelerator may compute (`cpu_only`), or once
+    JAX's backends have started (too late to reach the runtime's threads). Process-wide
+    and irreversible."""
+    global _applied
+    if _applied:
+        return True
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not cpu_only() \
             or backends_started():
         return False
@@ -67,4 +80,5 @@ def reuse_freed_host_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     # each returns 1 on success; all are tried, so no failure hides behind another
     results = [mallopt(M_ARENA_MAX, 1), mallopt(M_MMAP_MAX, 0), mallopt(M_TRIM_THRESHOLD, NEVER_TRIM)]
-    return all(r == 1 for r in results)
+    _applied = all(r == 1 for r in results)
+    return _applied

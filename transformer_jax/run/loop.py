@@ -45,7 +45,9 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
     checkpoints. Returns (state, last validation loss or None).
 
     Host-side checks run one step behind the device (the next step is already queued when
-    a step's metrics are read). tokens/s leaves out the first step of the process, which
+    a step's metrics are read). With `config.reuse_host_memory` in effect it waits for each
+    step before queueing the next instead: with malloc keeping freed memory
+    (`run.host_memory`), two steps' temp buffers alive at once grow the heap for good. tokens/s leaves out the first step of the process, which
     compiles, and evaluation time; that first step's wall time is logged as first_step_sec.
     """
     start = int(state.step)
@@ -65,6 +67,8 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
     try:
         for step in range(start, config.max_steps):
             state, metrics = run.train_step(state, run.put(task.train_batch(step)))
+            if config.reuse_host_memory:  # one step in flight (see the docstring)
+                jax.block_until_ready(metrics)
             done = step + 1
             if first_step_sec is None:  # compiled and ran: start the tokens/s clock here
                 jax.block_until_ready(metrics)

@@ -111,14 +111,16 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config={config!r}: expected a TrainConfig")
     # first: it must come before JAX starts its backends
-    reused = config.reuse_host_memory and reuse_freed_host_memory()
+    reused = config.reuse_host_memory is not False and reuse_freed_host_memory()
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
                                     timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
-    resolved = config.resolve(accelerator=jax.default_backend() != "cpu")
+    # reuse_host_memory: from here on, whether it is in effect (the loop reads it)
+    resolved = dataclasses.replace(config.resolve(accelerator=jax.default_backend() != "cpu"),
+                                   reuse_host_memory=bool(reused))
     is_main = jax.process_index() == 0
     say = say or (print if is_main else (lambda *a, **k: None))
-    if config.reuse_host_memory and not reused:
+    if config.reuse_host_memory is True and not reused:
         say("reuse_host_memory: not applied (JAX had already started its backends, or this is not a "
             "CPU-only setup on glibc; see transformer_jax.run.host_memory)")
     objective = get_objective(resolved.objective)
