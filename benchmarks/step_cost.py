@@ -8,8 +8,9 @@ as compare_nanogpt.py does, alternating the trees); nanoGPT is not needed. Rando
 batches (vocabulary 96); the median of --steps steps after the compiling one, process CPU
 clock (and the minimum, steadier on a loaded machine), with the system (kernel) share of it and
 the minor page faults per step (with --no-reuse-host-memory, XLA's CPU runtime takes a fresh
-temp buffer from the OS on every call, so each of its pages faults once per step). --no-reuse-host-memory and --onednn as
-train.py's flags. --hlo writes the compiled step's HLO text (fusions, dots) for inspection.
+temp buffer from the OS on every call, so each of its pages faults once per step).
+--no-reuse-host-memory and --onednn as train.py's flags. --hlo writes the compiled step's HLO
+text (fusions, dots) for inspection.
 """
 from __future__ import annotations
 

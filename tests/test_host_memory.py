@@ -167,3 +167,13 @@ def test_the_loop_runs_one_step_at_a_time_while_it_is_in_effect(tmp_path, monkey
         counts[in_effect] = len(waited)
     # one wait per step on top of the loop's own (the first step's, for its timing)
     assert counts[True] - counts[False] == 5, counts
+
+
+def test_asking_for_off_after_it_was_applied_still_keeps_one_step_in_flight(tmp_path, monkeypatch):
+    from transformer_jax import TrainConfig, train
+
+    monkeypatch.setattr(host_memory, "_applied", True)  # an earlier train() in this process
+    result = train(TrainConfig(preset="tiny", max_steps=1, seq_len=16, batch_size=4, mesh="none", sample_tokens=0,
+                               compile_cache=False, out_dir=str(tmp_path / "run"), reuse_host_memory=False),
+                   say=lambda _: None)
+    assert result.config.reuse_host_memory is True  # irreversible: the loop still runs one step at a time

@@ -63,6 +63,11 @@ def cpu_only() -> bool:
 _applied = False  # by an earlier call in this process
 
 
+def in_effect() -> bool:
+    """Whether `reuse_freed_host_memory` has been applied in this process."""
+    return _applied
+
+
 def reuse_freed_host_memory() -> bool:
     """Make malloc keep and reuse freed memory for the rest of the process, so XLA's per-call
     CPU temp buffers stop faulting in fresh pages (at the memory cost in the module's

@@ -47,8 +47,9 @@ def train_loop(config: TrainConfig, objective: Objective, task: Task, flops_per_
     Host-side checks run one step behind the device (the next step is already queued when
     a step's metrics are read). With `config.reuse_host_memory` in effect it waits for each
     step before queueing the next instead: with malloc keeping freed memory
-    (`run.host_memory`), two steps' temp buffers alive at once grow the heap for good. tokens/s leaves out the first step of the process, which
-    compiles, and evaluation time; that first step's wall time is logged as first_step_sec.
+    (`run.host_memory`), two steps' temp buffers alive at once grow the heap for good.
+    tokens/s leaves out the first step of the process, which compiles, and evaluation time;
+    that first step's wall time is logged as first_step_sec.
     """
     start = int(state.step)
     log = RunLog(config.out_dir, start, enabled=is_main)
