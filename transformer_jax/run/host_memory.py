@@ -16,9 +16,9 @@ The price is memory held, not returned: freed blocks are reused only where they 
 little larger than the block), so with two steps' buffers alive at once the heap grew by
 three or four buffers (1.4 GB instead of 0.8 at `small`, 11 GB instead of 4.5 at
 `char-small`). The training loop therefore runs one step at a time when this is applied
-(`run.loop.train_loop`): the heap then stays within about one buffer of
-the peak of a run without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`).
-`train` applies it by default (`TrainConfig.reuse_host_memory`).
+(`run.loop.train_loop`): the heap then stays within about one buffer of the peak of a run
+without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`). `train` applies it by
+default (`TrainConfig.reuse_host_memory`).
 
 It must run before JAX starts its backends (the first computation, `jax.devices()`,
 `jax.default_backend()`): the runtime's threads take their malloc arenas then, and keep

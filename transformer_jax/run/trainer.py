@@ -14,7 +14,7 @@ from transformer_jax.config import ModelConfig, field_defaults, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
-from transformer_jax.run import host_memory
+from transformer_jax.run.host_memory import in_effect as host_memory_in_effect
 from transformer_jax.run.host_memory import reuse_freed_host_memory
 from transformer_jax.run.load import init_params_from, load_source_model
 from transformer_jax.run.source import load_run_tokenizer
@@ -113,7 +113,7 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
         raise TypeError(f"config={config!r}: expected a TrainConfig")
     # first: it must come before JAX starts its backends
     # (False cannot undo an earlier run's setting: the loop must still keep one step in flight)
-    reused = reuse_freed_host_memory() if config.reuse_host_memory is not False else host_memory.in_effect()
+    reused = reuse_freed_host_memory() if config.reuse_host_memory is not False else host_memory_in_effect()
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
                                     timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
