@@ -94,36 +94,56 @@ def test_cpu_only_reads_the_chosen_platforms(monkeypatch):
 
 TRAIN_PY_PROBE = """
 import json, sys
-from transformer_jax.run import trainer
-real = trainer.reuse_freed_host_memory
-def first(): print(json.dumps({"applied": real()})); raise SystemExit(0)
-trainer.reuse_freed_host_memory = first
+from transformer_jax.run import host_memory
+real = host_memory.reuse_freed_host_memory
+def report(applied): print(json.dumps({"applied": applied})); raise SystemExit(0)
+host_memory.reuse_freed_host_memory = lambda: report(real())
+host_memory.in_effect = lambda: report("not asked")
 import train
 train.main(sys.argv[1:])
-print(json.dumps({"applied": None}))  # the trainer did not ask for it
 """
 
 
 def train_py_applied(tmp_path, *flags: str):
-    """What train.py with `flags` did about it: True/False from the trainer's first act, before
-    any backend exists (the run stops right there), or None if it never asked."""
-    out = subprocess.run([sys.executable, "-c", TRAIN_PY_PROBE, "--preset", "tiny", "--out-dir",
-                          str(tmp_path / "run"), *flags], capture_output=True, text=True, cwd=ROOT,
+    """What train.py with `flags` did about it, as its trainer's first act, before any backend
+    exists (the run stops right there): True/False from `reuse_freed_host_memory`, or "not
+    asked" where it decided against it."""
+    out = subprocess.run([sys.executable, "-c", TRAIN_PY_PROBE, "--out-dir", str(tmp_path / "run"), *flags],
+                         capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, timeout=300)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])["applied"]
 
 
 @needs_glibc
-def test_train_py_applies_it_before_jax_starts_by_default(tmp_path):
-    assert train_py_applied(tmp_path) is True
+def test_train_py_applies_it_before_jax_starts_where_the_step_buffer_is_large(tmp_path):
+    assert train_py_applied(tmp_path) is True  # the default model: a ~50 MiB buffer
+    assert train_py_applied(tmp_path, "--preset", "tiny") == "not asked"  # under 1 MiB
+    assert train_py_applied(tmp_path, "--preset", "tiny", "--reuse-host-memory") is True
+    assert train_py_applied(tmp_path, "--no-reuse-host-memory") == "not asked"
+
+
+def test_the_default_follows_the_estimated_step_buffer(monkeypatch):
+    from transformer_jax import TrainConfig
+    from transformer_jax.run import trainer
+
+    monkeypatch.setattr(host_memory, "cpu_only", lambda: True)
+    monkeypatch.setattr(host_memory, "reuse_freed_host_memory", lambda: "applied")
+    assert trainer._reuse_host_memory(TrainConfig()) == "applied"  # train.py's default model
+    assert trainer._reuse_host_memory(TrainConfig(preset="char-small")) == "applied"
+    assert trainer._reuse_host_memory(TrainConfig(preset="tiny", batch_size=8)) is False
+    # the default model below the line: a quarter of its batch, or micro-batches of 4
+    assert trainer._reuse_host_memory(TrainConfig(batch_size=4)) is False
+    assert trainer._reuse_host_memory(TrainConfig(batch_size=8, accum_steps=2)) is False
+    monkeypatch.setattr(host_memory, "cpu_only", lambda: False)  # an accelerator's buffers are not malloc's
+    assert trainer._reuse_host_memory(TrainConfig()) is False
 
 
 def test_train_py_and_train_config_defaults():
     import train
     from transformer_jax import TrainConfig
 
-    assert TrainConfig().reuse_host_memory is None  # wherever it can apply
+    assert TrainConfig().reuse_host_memory is None  # wherever it pays
     parse = lambda *argv: train.config_from_args(train.build_parser().parse_args(list(argv)))  # noqa: E731
     assert parse().reuse_host_memory is None
     assert parse("--no-reuse-host-memory").reuse_host_memory is False
@@ -159,11 +179,11 @@ def test_the_loop_runs_one_step_at_a_time_while_it_is_in_effect(tmp_path, monkey
     monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(1) or real_wait(x))
     counts = {}
     for in_effect in (False, True):
-        monkeypatch.setattr(trainer, "reuse_freed_host_memory", lambda: in_effect)
+        monkeypatch.setattr(host_memory, "reuse_freed_host_memory", lambda: in_effect)
         waited.clear()
         train(TrainConfig(preset="tiny", max_steps=5, seq_len=16, batch_size=4, mesh="none", sample_tokens=0,
                           compile_cache=False, log_every=100, eval_every=100, checkpoint_every=100,
-                          out_dir=str(tmp_path / str(in_effect))), say=lambda _: None)
+                          reuse_host_memory=True, out_dir=str(tmp_path / str(in_effect))), say=lambda _: None)
         counts[in_effect] = len(waited)
     # one wait per step on top of the loop's own (the first step's, for its timing)
     assert counts[True] - counts[False] == 5, counts

@@ -52,9 +52,11 @@ class TrainConfig:
       compile_cache: keep jitted programs in JAX's persistent compilation cache.
       reuse_host_memory: CPU: malloc keeps each step's freed temp memory for the next step
         (`run.host_memory`: ~20% cheaper steps; the loop then keeps one step in flight, not
-        two). None (default): wherever it can apply, i.e. on glibc, computing on the CPU,
-        when `train` runs before JAX's first computation; True: the same, and `train`
-        says when it could not; False: off.
+        two). None (default): wherever it can apply (glibc, computing on the CPU, `train`
+        running before JAX's first computation) and pays: a step whose temp buffer,
+        estimated from the model and batch (`run.step_memory`), is above glibc's 32 MiB mmap
+        threshold. True: wherever it can apply, whatever the size, and `train` says when it
+        could not; False: off.
       onednn: CPU: the steps' matrix products through oneDNN, an experimental XLA option
         (`run.compiler_options`).
       The rest: see `train.py --help`.

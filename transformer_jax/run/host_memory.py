@@ -17,8 +17,13 @@ little larger than the block), so with two steps' buffers alive at once the heap
 three or four buffers (1.4 GB instead of 0.8 at `small`, 11 GB instead of 4.5 at
 `char-small`). The training loop therefore runs one step at a time when this is applied
 (`run.loop.train_loop`): the heap then stays within about one buffer of the peak of a run
-without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`). `train` applies it by
-default (`TrainConfig.reuse_host_memory`).
+without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`).
+
+It pays only for a temp buffer above glibc's largest mmap threshold (`worth_it`): a smaller
+freed block is served from the heap again anyway, and one arena shared by every thread
+slows their small allocations (the `tiny` preset's steps ran at half speed). `train`
+applies it by default where the step's estimated buffer is above it
+(`TrainConfig.reuse_host_memory`, `run.step_memory`).
 
 It must run before JAX starts its backends (the first computation, `jax.devices()`,
 `jax.default_backend()`): the runtime's threads take their malloc arenas then, and keep
@@ -39,6 +44,17 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
 M_ARENA_MAX = -8
 NEVER_TRIM = -1  # mallopt(3): "Setting M_TRIM_THRESHOLD to -1 disables trimming completely"
+# glibc's mmap threshold rises to the size of each mmapped block freed, up to this
+# (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit); a block at most this large is then reused from the heap
+MMAP_THRESHOLD_MAX = 32 << 20
+
+
+def worth_it(temp_bytes: int) -> bool:
+    """Whether steps whose temp buffer is `temp_bytes` gain from `reuse_freed_host_memory`:
+    only a buffer that malloc would otherwise map afresh on every call. Measured with
+    train.py's default model (benchmarks/RESULTS.md): +29% tokens/s at a 46 MiB buffer,
+    even at 23 MiB, -20% at 12 MiB, -55% at the `tiny` preset's 1 MiB."""
+    return temp_bytes > MMAP_THRESHOLD_MAX
 
 
 def backends_started() -> bool:

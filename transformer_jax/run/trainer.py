@@ -14,11 +14,11 @@ from transformer_jax.config import ModelConfig, field_defaults, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
-from transformer_jax.run.host_memory import in_effect as host_memory_in_effect
-from transformer_jax.run.host_memory import reuse_freed_host_memory
-from transformer_jax.run.load import init_params_from, load_source_model
+from transformer_jax.run import host_memory
+from transformer_jax.run.load import init_params_from, load_source_model, source_model_config
 from transformer_jax.run.source import load_run_tokenizer
 from transformer_jax.run.loop import train_loop
+from transformer_jax.run.step_memory import estimate_step_temp_bytes
 from transformer_jax.run.steps import compile_run, make_run_mesh
 from transformer_jax.stop_signal import StopSignal
 from transformer_jax.train_config import TrainConfig
@@ -94,6 +94,31 @@ def _fields_recorded_before_they_existed(path: str, config: TrainConfig) -> dict
     return {k: v for k, v in field_defaults().items() if k not in model and k not in config.model}
 
 
+def _reuse_host_memory(config: TrainConfig) -> bool:
+    """Apply `run.host_memory`'s setting as `config.reuse_host_memory` asks (None: where the
+    step's temp buffer is one that malloc would map afresh on every step); whether it is in
+    effect (False cannot undo an earlier run's: the loop must then still keep one step in
+    flight)."""
+    wanted = config.reuse_host_memory
+    if wanted is None:
+        wanted = host_memory.cpu_only() and host_memory.worth_it(_step_temp_bytes(config))
+    return host_memory.reuse_freed_host_memory() if wanted else host_memory.in_effect()
+
+
+def _step_temp_bytes(config: TrainConfig) -> int:
+    """`run.step_memory`'s estimate for `config` on the CPU, before JAX starts (a tokenizer
+    still to be built counts as 256 symbols, a BPE one as 4096)."""
+    resolved = config.resolve(accelerator=False)
+    if resolved.init_from:
+        cfg = source_model_config(resolved.init_from)
+    else:
+        vocab = resolved.model.get("vocab_size") or (256 if resolved.tokenizer in ("char", "byte") else 4096)
+        cfg = get_config(resolved.preset, **resolved.model_overrides(vocab))
+    return estimate_step_temp_bytes(
+        cfg, resolved.batch_size // resolved.accum_steps, resolved.seq_len,
+        encoder_decoder=get_objective(resolved.objective).model_kind == "encoder_decoder")
+
+
 def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> TrainResult:
     """Train as `config` says: validate everything, then start, resume or overwrite the run
     in `config.out_dir` and train to `max_steps` (or a SIGTERM/SIGINT, after which the step
@@ -111,9 +136,7 @@ def train(config: TrainConfig, *, say: Callable[[str], None] | None = None) -> T
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config={config!r}: expected a TrainConfig")
-    # first: it must come before JAX starts its backends
-    # (False cannot undo an earlier run's setting: the loop must still keep one step in flight)
-    reused = reuse_freed_host_memory() if config.reuse_host_memory is not False else host_memory_in_effect()
+    reused = _reuse_host_memory(config)  # first: it must come before JAX starts its backends
     sharding.initialize_distributed(config.coordinator_address, config.num_processes, config.process_id,
                                     timeout_s=config.distributed_timeout_s)
     enable_compile_cache() if config.compile_cache else disable_compile_cache()
