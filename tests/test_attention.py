@@ -196,6 +196,14 @@ GRID = {
     "big-blocks": Case(q_len=5, kv_len=7, block_sizes=(64, 64), is_causal=True),
     "dropout": Case(dropout=0.3, bias=True, is_causal=True),
     "dropout-per-head": Case(dropout=0.5, broadcast_dropout=False),
+    # long enough for the reference to split causal queries into row blocks (uneven ones
+    # here: 67/66/67 and 70/70 rows), with every mask, and kv_len below and above q_len
+    "causal-row-blocks": Case(is_causal=True, q_len=200, kv_len=200, bias=True, mask=True, segments=True,
+                              lengths=True, block_sizes=(32, 64)),
+    "causal-row-blocks-fewer-keys": Case(is_causal=True, q_len=140, kv_len=100, window=(40, 0), soft_cap=2.0,
+                                         dropout=0.3, bias=True, block_sizes=(32, 32)),
+    "causal-row-blocks-more-keys": Case(is_causal=True, q_len=128, kv_len=180, heads=4, kv_heads=2, dropout=0.2,
+                                        broadcast_dropout=False, block_sizes=(64, 64)),
 }
 
 
@@ -230,6 +238,33 @@ def test_half_precision_within_its_tolerance(dtype):
     # Inputs are rounded to the half dtype before the float64 reference sees them, so
     # the error left is the kernels' own: half-precision probabilities and outputs.
     check(Case(is_causal=True, bias=True, q_len=9, kv_len=9, block_sizes=(4, 4)), dtype=dtype, tol=3e-2)
+
+
+def test_causal_row_blocks_take_broadcast_biases_and_masks():
+    # one bias row for every query and one mask column for every key, cut per row block
+    c = Case(is_causal=True, q_len=192, kv_len=192, heads=2, kv_heads=2)
+    arrays, kwargs, d_out = make_inputs(c)
+    rng = np.random.default_rng(1)
+    bias = rng.normal(size=(1, 1, 1, c.kv_len))
+    mask = rng.random((c.batch, 1, c.q_len, 1)) < 0.8
+    full = {**arrays, "bias": jnp.asarray(np.broadcast_to(bias, (1, c.heads, c.q_len, c.kv_len)), jnp.float32)}
+    want_out, want_grads = numpy_attention(dataclasses.replace(c, bias=True, mask=True), full,
+                                           {**kwargs, "mask": jnp.asarray(np.broadcast_to(mask, (c.batch, 1, c.q_len, c.kv_len)))},
+                                           d_out)
+    out, grads = run("reference", c, {**arrays, "bias": jnp.asarray(bias, jnp.float32)},
+                     {**kwargs, "mask": jnp.asarray(mask)}, d_out)
+    assert_close(out, want_out, 1e-5, "output")
+    assert_close(grads["bias"], want_grads["bias"].sum(axis=(1, 2), keepdims=True), 1e-5, "dbias")
+    assert_close(grads["query"], want_grads["query"], 1e-5, "dquery")
+
+
+def test_causal_row_blocks_cover_the_rows_evenly():
+    from transformer_jax.attention.reference import causal_row_blocks
+
+    assert causal_row_blocks(127) == [(0, 127)]  # under two blocks' worth of rows: one block
+    assert causal_row_blocks(128) == [(0, 64), (64, 128)]
+    assert causal_row_blocks(200) == [(0, 67), (67, 133), (133, 200)]
+    assert causal_row_blocks(1024) == [(0, 256), (256, 512), (512, 768), (768, 1024)]
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():
