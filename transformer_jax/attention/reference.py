@@ -13,10 +13,10 @@ the same O(n^2) algorithm and exact (not the online softmax of `blockwise`).
 Complex inputs (supported, as in jax.nn's XLA path: softmax of the real part of q.k)
 are differentiated by autodiff through the same forward.
 
-Causal attention from 128 queries on is computed in up to four row blocks of queries, each
-against only the keys its last row may see (`causal_row_blocks`): at T = 128 a quarter of
-the score matrix less to build, 27% less CPU time forward+backward, and a `small` training
-step 5% cheaper (benchmarks/RESULTS.md).
+Causal attention of 128 to 255 queries is computed in two row blocks of queries, each
+against only the keys its last row may see (`causal_row_blocks`): a quarter of the score
+matrix less to build; at T = 128, 27% less CPU time forward+backward, and a `small`
+training step 5% cheaper (benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -93,20 +93,22 @@ def attend(
     return jnp.concatenate(outs), jnp.concatenate(lses)
 
 
-# Causal row blocks: at least this many query rows each, and at most this many blocks.
-# CPU ms forward+backward from a fused [b, T, 3, h, d] projection, one core, with 1 / 2 / 4 /
-# 8 blocks: b=64, T=64, h=4, d=32: 10.9 / 11.2 / 12.9; b=32, T=128: 23.7 / 17.3 / 18.4 /
-# 23.0; b=16, T=256: 67.5 / 39.4 / 29.6 / 50.7; char-small's layer (b=64, T=256, h=6,
-# d=64): 605 / 501 / 506 / 594 (benchmarks/RESULTS.md).
-MIN_BLOCK_ROWS, MAX_BLOCKS = 64, 4
+# Causal queries split into two row blocks: lengths from 128 (under that, one block was as
+# fast) to 255. CPU ms forward+backward from a fused [b, T, 3, h, d] projection, one core,
+# with 1 / 2 / 4 / 8 blocks: b=64, T=64, h=4, d=32: 10.9 / 11.2 / 12.9; b=32, T=128: 23.7 /
+# 17.3 / 18.4 / 23.0; b=16, T=256: 67.5 / 39.4 / 29.6 / 50.7. Not from 256 on, although
+# faster there too: in char-small's training step (T = 256) the blocked program made the
+# host memory that malloc keeps (`run.host_memory`) grow by a whole temp buffer, 13.2 GB
+# peak against 5.0 (benchmarks/RESULTS.md).
+SPLIT_Q_LENS = range(128, 256)
 
 
 def causal_row_blocks(q_len: int) -> list[tuple[int, int]]:
-    """The [start, stop) query rows that causal attention computes apart: as many blocks
-    of at least MIN_BLOCK_ROWS as fit, at most MAX_BLOCKS, of near-equal size."""
-    n = max(1, min(MAX_BLOCKS, q_len // MIN_BLOCK_ROWS))
-    edges = [round(i * q_len / n) for i in range(n + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    """The [start, stop) query rows that causal attention computes apart: two halves for
+    a length in SPLIT_Q_LENS, else all rows at once."""
+    if q_len not in SPLIT_Q_LENS:
+        return [(0, q_len)]
+    return [(0, q_len // 2), (q_len // 2, q_len)]
 
 
 def _block(x: jax.Array | None, start: int, stop: int, keys: int) -> jax.Array | None:
