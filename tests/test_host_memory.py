@@ -173,7 +173,6 @@ def test_the_loop_runs_one_step_at_a_time_while_it_is_in_effect(tmp_path, monkey
     import jax
 
     from transformer_jax import TrainConfig, train
-    from transformer_jax.run import trainer
 
     real_wait, waited = jax.block_until_ready, []
     monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(1) or real_wait(x))

@@ -21,7 +21,7 @@ without it (measured 0.8-1.0 GB at `small`, 4.3 GB at `char-small`).
 
 It pays only for a temp buffer above glibc's largest mmap threshold (`worth_it`): a smaller
 freed block is served from the heap again anyway, and one arena shared by every thread
-slows their small allocations (the `tiny` preset's steps ran at half speed). `train`
+slows their small allocations (the `tiny` preset's steps ran 30-55% slower). `train`
 applies it by default where the step's estimated buffer is above it
 (`TrainConfig.reuse_host_memory`, `run.step_memory`).
 
@@ -53,7 +53,7 @@ def worth_it(temp_bytes: int) -> bool:
     """Whether steps whose temp buffer is `temp_bytes` gain from `reuse_freed_host_memory`:
     only a buffer that malloc would otherwise map afresh on every call. Measured with
     train.py's default model (benchmarks/RESULTS.md): +29% tokens/s at a 46 MiB buffer,
-    even at 23 MiB, -20% at 12 MiB, -55% at the `tiny` preset's 1 MiB."""
+    about even at 23 MiB, -22% at 12 MiB, -30% at the `tiny` preset's 0.7 MiB."""
     return temp_bytes > MMAP_THRESHOLD_MAX
 
 

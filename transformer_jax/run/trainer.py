@@ -12,9 +12,9 @@ import numpy as np
 from transformer_jax import checkpoint, run_dir, sharding, tokenizers
 from transformer_jax.config import ModelConfig, field_defaults, get_config
 from transformer_jax.objectives import Task, TaskInputs, get_objective
+from transformer_jax.run import host_memory
 from transformer_jax.run import out_dir as run_dir_lib
 from transformer_jax.run.compile_cache import disable_compile_cache, enable_compile_cache
-from transformer_jax.run import host_memory
 from transformer_jax.run.load import init_params_from, load_source_model, source_model_config
 from transformer_jax.run.source import load_run_tokenizer
 from transformer_jax.run.loop import train_loop
