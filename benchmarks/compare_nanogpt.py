@@ -26,8 +26,11 @@ oneDNN, as train.py's opt-in flag of that name (run/compiler_options.py).
 Each side runs in its own child process pinned to the
 same core (taskset) with one thread, so the comparison is CPU seconds per step: the median of
 --timed-steps steps after warm-up (ours excludes compilation), measured with the process's
-CPU clock. Both then train to --steps and report the validation loss on the same 20 fixed
-validation windows. Prints both rows and the ratio; writes JSON with --json.
+CPU clock. The two children run at once and take turns over the timed steps (one step of
+ours, one of nanoGPT's, ..., handing a token through two pipes), so a change in the machine's
+load during the run (a shared VM's neighbours) falls on both sides alike; the ratio is the
+median of the per-pair ratios. Both then train to --steps and report the validation loss on
+the same 20 fixed validation windows. Prints both rows and the ratio; writes JSON with --json.
 """
 from __future__ import annotations
 
@@ -176,7 +179,8 @@ def run_nanogpt(args, cfg: dict) -> dict:
 
 
 def run_loop(args, one_step, state, evaluate) -> dict:
-    """Warm-up, --timed-steps steps timed one by one (CPU clock), then on to --steps; evaluate."""
+    """Warm-up, --timed-steps steps timed one by one (CPU clock), each taken on this side's
+    turn, then on to --steps; evaluate."""
     wall = time.perf_counter()
     state, _ = one_step(state)  # ours: compiles here
     first_step_s = time.perf_counter() - wall
@@ -184,14 +188,21 @@ def run_loop(args, one_step, state, evaluate) -> dict:
         state, _ = one_step(state)
     cpu_times = []
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    for _ in range(args.timed_steps):
-        start = time.process_time()
-        state, metrics = one_step(state)
-        cpu_times.append(time.process_time() - start)
+    with os.fdopen(args.turn_in, "rb", buffering=0) as turn_in, os.fdopen(args.turn_out, "wb", buffering=0) as turn_out:
+        for _ in range(args.timed_steps):
+            turn_in.read(1)  # the other side's step is done (or it has finished: end of file)
+            start = time.process_time()
+            state, metrics = one_step(state)
+            cpu_times.append(time.process_time() - start)
+            try:
+                turn_out.write(b".")
+            except BrokenPipeError:  # the other side has finished its timed steps
+                pass
     after = resource.getrusage(resource.RUSAGE_SELF)
     for _ in range(args.steps - 3 - args.timed_steps):
         state, metrics = one_step(state)
-    return {"cpu_s_per_step": statistics.median(cpu_times), "first_step_s": round(first_step_s, 2),
+    return {"cpu_s_per_step": statistics.median(cpu_times), "cpu_s_steps": cpu_times,
+            "first_step_s": round(first_step_s, 2),
             # of the timed steps' CPU time: the kernel's share (page faults), and the faults
             "sys_s_per_step": (after.ru_stime - usage.ru_stime) / args.timed_steps,
             "page_faults_per_step": round((after.ru_minflt - usage.ru_minflt) / args.timed_steps),
@@ -199,19 +210,35 @@ def run_loop(args, one_step, state, evaluate) -> dict:
 
 
 # ----------------------------------------------------------------------------- parent
-def child(args, side: str) -> dict:
-    """Runs one side pinned to --core with one thread; returns its JSON result."""
+def run_sides(args) -> dict:
+    """Runs both sides at once, each pinned to --core with one thread, taking turns over
+    their timed steps (ours first); returns their JSON results."""
+    ours_in, nanogpt_out = os.pipe()
+    nanogpt_in, ours_out = os.pipe()
+    os.write(nanogpt_out, b".")  # ours takes the first turn
+    turns = {"ours": (ours_in, ours_out), "nanogpt": (nanogpt_in, nanogpt_out)}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false",
            "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     if args.malloc_hugepages:
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), "glibc.malloc.hugetlb=1"]))
-    with tempfile.NamedTemporaryFile(suffix=".json") as result:
-        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side, "--result", result.name]
-        pin = ["taskset", "-c", str(args.core)] if args.core is not None else []
-        subprocess.run(pin + argv, env=env, check=True)
-        with open(result.name) as f:
-            return json.load(f)
+    pin = ["taskset", "-c", str(args.core)] if args.core is not None else []
+    with tempfile.TemporaryDirectory() as tmp:
+        children = {}
+        for side, (fd_in, fd_out) in turns.items():
+            argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--side", side,
+                    "--result", os.path.join(tmp, side + ".json"), "--turn-fds", f"{fd_in},{fd_out}"]
+            children[side] = subprocess.Popen(pin + argv, env=env, pass_fds=(fd_in, fd_out))
+        for fd in (ours_in, ours_out, nanogpt_in, nanogpt_out):  # a side that exits ends the other's waits
+            os.close(fd)
+        failed = [side for side, process in children.items() if process.wait() != 0]
+        if failed:
+            sys.exit(f"the {' and '.join(failed)} side failed")
+        rows = {}
+        for side in ("nanogpt", "ours"):
+            with open(os.path.join(tmp, side + ".json")) as f:
+                rows[side] = json.load(f)
+        return rows
 
 
 def main() -> None:
@@ -234,6 +261,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the result here")
     parser.add_argument("--side", choices=["ours", "nanogpt"], help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--turn-fds", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.core is not None and args.core < 0:
         args.core = None
@@ -243,6 +271,7 @@ def main() -> None:
         parser.error(f"--steps={args.steps} must be at least --timed-steps + 3 = {args.timed_steps + 3}")
     cfg = CONFIGS[args.config]
     if args.side:
+        args.turn_in, args.turn_out = map(int, args.turn_fds.split(","))
         result = (run_ours if args.side == "ours" else run_nanogpt)(args, cfg)
         with open(args.result, "w") as f:
             json.dump(result, f)
@@ -254,8 +283,9 @@ def main() -> None:
         with open(args.text, "w", encoding="utf-8") as f:
             f.write(data.load_text("stdlib"))
         sys.argv += ["--text", args.text]
-    rows = {side: child(args, side) for side in ("nanogpt", "ours")}
-    ratio = rows["ours"]["cpu_s_per_step"] / rows["nanogpt"]["cpu_s_per_step"]
+    rows = run_sides(args)
+    # step i of ours ran just before step i of nanoGPT's: the same load on both
+    ratio = statistics.median(a / b for a, b in zip(rows["ours"]["cpu_s_steps"], rows["nanogpt"]["cpu_s_steps"]))
     print(f"config {args.config} {cfg}, {args.steps} steps, pinned to core {args.core}, "
           f"same model: {args.same_model}, malloc huge pages: {args.malloc_hugepages}, "
           f"ours reuses host memory: {rows['ours'].get('reuse_host_memory', False)}, "
@@ -263,7 +293,8 @@ def main() -> None:
     for side, r in rows.items():
         print(f"{side:>8}: {1e3 * r['cpu_s_per_step']:8.1f} CPU ms/step (system {1e3 * r['sys_s_per_step']:.1f}, "
               f"{r['page_faults_per_step']} page faults)   val loss {r['val_loss']:.4f}   first step {r['first_step_s']} s")
-    print(f"ours / nanoGPT CPU seconds per step: {ratio:.2f}x; val loss difference "
+    print(f"ours / nanoGPT CPU seconds per step (median of {args.timed_steps} alternated pairs): {ratio:.2f}x; "
+          f"val loss difference "
           f"{rows['ours']['val_loss'] - rows['nanogpt']['val_loss']:+.4f}")
     if args.json:
         with open(args.json, "w") as f:
