@@ -29,8 +29,10 @@ same core (taskset) with one thread, so the comparison is CPU seconds per step: 
 CPU clock. The two children run at once and take turns over the timed steps (one step of
 ours, one of nanoGPT's, ..., handing a token through two pipes), so a change in the machine's
 load during the run (a shared VM's neighbours) falls on both sides alike; the ratio is the
-median of the per-pair ratios. Both then train to --steps and report the validation loss on
-the same 20 fixed validation windows. Prints both rows and the ratio; writes JSON with --json.
+median of the per-pair ratios. (Warm-up is not synchronised: ours compiles while nanoGPT warms
+up, so "first step" is wall time shared with the other side.) Both then train to --steps and
+report the validation loss on the same 20 fixed validation windows. Prints both rows and the
+ratio; writes JSON with --json.
 """
 from __future__ import annotations
 
