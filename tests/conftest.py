@@ -3,13 +3,16 @@
 Eight virtual CPU devices let the sharding tests build real meshes; single-device
 code is unaffected (it runs on device 0). Must be set before jax is imported.
 TRANSFORMER_JAX_TEST_PLATFORM=cuda runs the tests on the GPU instead (benchmarks/essentials.py
-does this for the Pallas kernel's tests, so Triton really compiles them).
+does this for the Pallas kernel's tests, so Triton really compiles them). On the CPU, LLVM's
+optimisation is off as well (processes.TEST_XLA_FLAGS says why).
 """
 import os
 
+from processes import TEST_XLA_FLAGS
+
 _platform = os.environ.get("TRANSFORMER_JAX_TEST_PLATFORM", "cpu")
 if _platform == "cpu":
-    os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {TEST_XLA_FLAGS}")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 else:
     os.environ["JAX_PLATFORMS"] = _platform

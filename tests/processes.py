@@ -6,13 +6,21 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Every test process, the pytest workers (conftest.py) and their children alike, compiles with
+# LLVM's optimisation off: XLA runs the same HLO passes and calls the same library kernels
+# (YNNPACK, Eigen, oneDNN), only its own generated loops are left unoptimised. Compiling is most
+# of the suite's time, and this cuts it by about a third. The generated code may round the last
+# bit differently from the optimised build (a multiply and an add fused or not), so a child
+# whose numbers a test compares bit for bit with its own must compile with the same flags.
+# Speed is measured by benchmarks/, never by tests.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
 
 
 def cpu_env(devices: int = 1, **extra: str) -> dict[str, str]:
     """The environment for a child process: CPU only, `devices` virtual devices, the repo importable."""
     return dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]),
         **extra,
