@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from transformer_jax.attention import dot_product_attention, select_implementation
 from transformer_jax.config import ModelConfig
 from transformer_jax.layers import initializers as init
+from transformer_jax.layers.matmul import matmul
 from transformer_jax.layers.per_shard import attend_per_shard
 from transformer_jax.layers.positional import apply_rotary
 
@@ -78,7 +79,8 @@ class Projection(nn.Module):
     The product is computed as one 2-D matmul `[prod(batch), prod(in)] @ [prod(in),
     prod(out)]`: the same sums as the einsum, which XLA's CPU backend runs faster (a GPT
     MLP's forward+backward 1.4x faster than nn.Dense / einsum on one core, jax 0.10.2;
-    see benchmarks/RESULTS.md "Training step vs nanoGPT").
+    see benchmarks/RESULTS.md "Training step vs nanoGPT"), by `layers.matmul`, which
+    picks the faster orientation of the weight gradient on CPU.
     """
 
     equation: str
@@ -101,8 +103,8 @@ class Projection(nn.Module):
         kernel = self.param("kernel", init.normal(self.axes, self.std), self.shape, jnp.float32)
         batch_shape, out_shape = x.shape[: len(batch_spec)], self.shape[n_in:]
         fan_in = math.prod(self.shape[:n_in])
-        y = jnp.matmul(x.astype(self.dtype).reshape(-1, fan_in),
-                       kernel.astype(self.dtype).reshape(fan_in, math.prod(out_shape)))
+        y = matmul(x.astype(self.dtype).reshape(-1, fan_in),
+                   kernel.astype(self.dtype).reshape(fan_in, math.prod(out_shape)))
         y = y.reshape(*batch_shape, *out_shape)
         if not self.use_bias:
             return y
