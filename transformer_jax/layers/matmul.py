@@ -7,9 +7,9 @@ YNNPACK and runs it on Eigen's generic dot, whose speed depends on which axis of
 [fan_in, fan_out] result leads. Measured over a grid of shapes on one core (jax 0.10.2,
 AVX2; benchmarks/RESULTS.md, "Tenth round"): when fan_out is under 256 and at most half
 of fan_in, computing the transposed result `dy^T x` [fan_out, fan_in] and transposing it
-is 10-45% faster (a `small` GPT's MLP output kernel, [512, 128]: 10.9 -> 9.2 ms at 4,096
-tokens); elsewhere the two orientations trade places or tie, and the product is left as
-written.
+was 10-45% faster in every measured shape but one ([1024, 192] at 4,096 tokens, 5% slower;
+a `small` GPT's MLP output kernel, [512, 128]: 10.9 -> 9.2 ms at 4,096 tokens); elsewhere
+the two orientations trade places or tie, and the product is left as written.
 
 The other orientation comes from writing the forward as `x @ (kernel^T)^T` with the inner
 transpose behind `optimization_barrier`, so that XLA cannot fold the two transposes away
