@@ -79,8 +79,8 @@ class Projection(nn.Module):
     The product is computed as one 2-D matmul `[prod(batch), prod(in)] @ [prod(in),
     prod(out)]`: the same sums as the einsum, which XLA's CPU backend runs faster (a GPT
     MLP's forward+backward 1.4x faster than nn.Dense / einsum on one core, jax 0.10.2;
-    see benchmarks/RESULTS.md "Training step vs nanoGPT"), by `layers.matmul`, which
-    picks the faster orientation of the weight gradient on CPU.
+    see benchmarks/RESULTS.md "Training step vs nanoGPT"), by `layers.matmul`, which on CPU
+    computes the weight gradient from a written-out transpose that YNNPACK can take.
     """
 
     equation: str

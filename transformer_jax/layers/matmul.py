@@ -1,37 +1,58 @@
-"""The 2-D product behind every projection, `x @ kernel`, with its weight gradient in
-the orientation that XLA's CPU backend computes faster.
+"""The 2-D product behind every projection, `x @ kernel`, with a weight gradient that XLA's
+CPU backend can hand to YNNPACK.
 
-Autodiff turns `x @ kernel` into the weight gradient `x^T dy`, a product that contracts
-the leading (token) axis of both operands. XLA's CPU backend cannot hand such a product to
-YNNPACK and runs it on Eigen's generic dot, whose speed depends on which axis of the
-[fan_in, fan_out] result leads. Measured over a grid of shapes on one core (jax 0.10.2,
-AVX2; benchmarks/RESULTS.md, "Tenth round"): when fan_out is under 256 and at most half
-of fan_in, computing the transposed result `dy^T x` [fan_out, fan_in] and transposing it
-was 10-45% faster in every measured shape but one ([1024, 192] at 4,096 tokens, 5% slower;
-a `small` GPT's MLP output kernel, [512, 128]: 10.9 -> 9.2 ms at 4,096 tokens); elsewhere
-the two orientations trade places or tie, and the product is left as written.
+Autodiff turns `x @ kernel` into the weight gradient `x^T dy`, a product that contracts the
+leading (token) axis of both operands. XLA's CPU backend gives YNNPACK only products whose
+left operand contracts its trailing axis, so it runs this one on Eigen's generic dot: at a
+small GPT's MLP shapes (4,096 tokens, 128 <-> 512) 9.4 ms a product in the training step,
+against 7.3 ms for YNNPACK's `[narrow, n] @ [n, wide]` (one core, jax 0.10.2, AVX2;
+benchmarks/RESULTS.md, "Eleventh round").
 
-The other orientation comes from writing the forward as `x @ (kernel^T)^T` with the inner
-transpose behind `optimization_barrier`, so that XLA cannot fold the two transposes away
-before autodiff's transpose rule has produced `dy^T x`. It is the same sum in another
-order (float32 rounding may differ in the last bit), forward- and reverse-mode autodiff are
-unchanged, and `lax.platform_dependent` keeps it to the CPU: other backends get the plain
-product.
+So where one fan of the kernel is at least twice the other, `matmul` on CPU writes the
+narrower operand out transposed, x^T [fan_in, n] or dy^T [fan_out, n], and computes the
+weight gradient from it as a product YNNPACK takes. The copy reads and writes one
+[n, narrow] array; where the fans are closer, the copy would cost about what it saves, and
+the product is left as written.
+
+Keeping the copy a copy takes two things. XLA folds a transpose into the product's dimension
+numbers, which an `optimization_barrier` prevents. And XLA's CPU fusion would otherwise fuse
+the transpose with whatever computed its operand (a layer norm, say) and recompute that in
+the transposed order, 8x slower than copying it (RESULTS, "Eighth round"): it never fuses a
+concatenate along the minor axis with its producers or consumers, so the operand is first
+concatenated with one of its own columns and the transpose reads that materialised array.
+
+It is a `custom_jvp` whose tangent is the same product written so that its transpose is the
+one above: forward mode, `vmap` and higher derivatives keep working, and the sums are the
+same (float32 rounding may differ in the last bits). `lax.platform_dependent` keeps it to the
+CPU: other backends get the plain product.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
-# fan_out below this, and fan_in at least TRANSPOSE_MIN_RATIO times it: the measured region
-# where the transposed weight gradient is faster on Eigen (see the module docstring).
-TRANSPOSE_MAX_FAN_OUT = 256
-TRANSPOSE_MIN_RATIO = 2
+# one fan at least this many times the other: where the written-out transpose was measured
+# faster in the training step (RESULTS, "Eleventh round")
+MIN_FAN_RATIO = 2
+# XLA's CPU fusion leaves a minor-axis concatenate unfused only from 128 elements wide
+# (jax 0.10.2; newer XLA from 64 bytes): below that, the transpose would fuse the operand's
+# producer again, so narrower kernels keep the product as written
+MIN_NARROW_FAN = 127
+
+_NO_BATCH = ((), ())
 
 
-def transposes_weight_gradient(fan_in: int, fan_out: int) -> bool:
-    """Whether `matmul` computes a [fan_in, fan_out] kernel's gradient as `(dy^T x)^T` on CPU."""
-    return fan_out < TRANSPOSE_MAX_FAN_OUT and fan_in >= TRANSPOSE_MIN_RATIO * fan_out
+def writes_out(fan_in: int, fan_out: int) -> str | None:
+    """Which operand `matmul` writes out transposed on CPU for a [fan_in, fan_out] kernel:
+    "x", "dy", or None (the product as written)."""
+    if min(fan_in, fan_out) < MIN_NARROW_FAN:
+        return None
+    if fan_out >= MIN_FAN_RATIO * fan_in:
+        return "x"
+    if fan_in >= MIN_FAN_RATIO * fan_out:
+        return "dy"
+    return None
 
 
 def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -39,10 +60,50 @@ def matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
     if x.ndim != 2 or kernel.ndim != 2 or x.shape[1] != kernel.shape[0]:
         raise ValueError(f"matmul takes x [n, fan_in] and kernel [fan_in, fan_out], "
                          f"got x {x.shape} and kernel {kernel.shape}")
-    if not transposes_weight_gradient(*kernel.shape):
+    side = writes_out(*kernel.shape)
+    if side is None:
         return x @ kernel
-    return jax.lax.platform_dependent(x, kernel, cpu=_via_transposed_kernel, default=jnp.matmul)
+    cpu = _written_out_x if side == "x" else _written_out_dy
+    return lax.platform_dependent(x, kernel, cpu=cpu, default=jnp.matmul)
 
 
-def _via_transposed_kernel(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return x @ jax.lax.optimization_barrier(kernel.T).T
+def _copy_transposed(a: jax.Array) -> jax.Array:
+    """a [n, k] -> a^T [k, n], computed as a copy of `a` as it stands (see the docstring)."""
+    unfusable = jnp.concatenate([a, a[:, :1]], axis=1)
+    return lax.optimization_barrier(unfusable.T[: a.shape[1]])
+
+
+@jax.custom_jvp
+def _written_out_x(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return x @ kernel
+
+
+@_written_out_x.defjvp
+def _written_out_x_jvp(primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    x_t = _copy_transposed(x)  # [fan_in, n], a residual of the forward pass
+    # x @ dkernel, contracted from x^T: its transpose is x^T @ dy, [fan_in, n] @ [n, fan_out]
+    weight_term = lax.dot_general(x_t, dkernel, (((0,), (0,)), _NO_BATCH))
+    return x @ kernel, dx @ kernel + weight_term
+
+
+@jax.custom_jvp
+def _written_out_dy(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return x @ kernel
+
+
+@_written_out_dy.defjvp
+def _written_out_dy_jvp(primals, tangents):
+    (x, kernel), (dx, dkernel) = primals, tangents
+    fan_out = kernel.shape[1]
+    # x @ dkernel as (dkernel^T x^T)^T, written in the reverse of the order that its transpose
+    # runs: dy^T is copied (concatenate, transpose, slice), then dy^T @ x, [fan_out, n] @
+    # [n, fan_in], then that small result is transposed. The barriers keep XLA from folding
+    # either transpose into the product.
+    product = lax.dot_general(lax.optimization_barrier(dkernel.T), x, (((1,), (1,)), _NO_BATCH))
+    padded = jnp.pad(lax.optimization_barrier(product), ((0, 1), (0, 0)))  # [fan_out + 1, n]
+    weight_term, zero = lax.split(padded.T, [fan_out, 1], axis=1)
+    # adding the zero column makes the transpose concatenate dy with a column of its own,
+    # not with zeros (which XLA would turn into a fusible pad)
+    weight_term = weight_term + jnp.pad(zero, ((0, 0), (0, fan_out - 1)))
+    return x @ kernel, dx @ kernel + weight_term
