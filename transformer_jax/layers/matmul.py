@@ -36,8 +36,8 @@ from jax import lax
 # faster in the training step (RESULTS, "Eleventh round")
 MIN_FAN_RATIO = 2
 # XLA's CPU fusion leaves a minor-axis concatenate unfused only from 128 elements wide
-# (jax 0.10.2; newer XLA from 64 bytes): below that, the transpose would fuse the operand's
-# producer again, so narrower kernels keep the product as written
+# (jax 0.10.2; newer XLA from 64 bytes), and the copy adds one column: below this narrow
+# fan the transpose would fuse the operand's producer again, so the product stays as written
 MIN_NARROW_FAN = 127
 
 _NO_BATCH = ((), ())
