@@ -68,11 +68,12 @@ def test_the_rule_is_the_measured_region():
     assert writes_out(64, 256) is None and writes_out(126, 512) is None  # the concatenate would fuse
 
 
-def _compiled_weight_gradient(x_fn, fan_in: int, fan_out: int) -> str:
-    """CPU-compiled HLO text of the kernel's gradient, x = x_fn(input) [256, fan_in]."""
-    x0, w, dy = jnp.ones((256, fan_in)), jnp.ones((fan_in, fan_out)), jnp.ones((256, fan_out))
-    grad = jax.jit(lambda x0, w, dy: jax.vjp(lambda w: matmul(x_fn(x0), w), w)[1](dy)[0])
-    return grad.lower(x0, w, dy).compile().as_text()
+def _compiled_weight_gradient(produce, fan_in: int, fan_out: int) -> str:
+    """CPU-compiled HLO text of the kernel's gradient, x [256, fan_in] and dy [256, fan_out]
+    each the result of `produce` on an input."""
+    x0, w, dy0 = jnp.ones((256, fan_in)), jnp.ones((fan_in, fan_out)), jnp.ones((256, fan_out))
+    grad = jax.jit(lambda x0, w, dy0: jax.vjp(lambda w: matmul(produce(x0), w), w)[1](produce(dy0))[0])
+    return grad.lower(x0, w, dy0).compile().as_text()
 
 
 def _dots(hlo: str) -> list[str]:
@@ -89,8 +90,8 @@ def _fusions_holding(hlo: str, op: str) -> list[str]:
 
 @pytest.mark.parametrize("fan_in, fan_out", [(128, 256), (384, 128)])
 def test_cpu_weight_gradient_is_a_product_of_a_copied_transpose(fan_in, fan_out):
-    # x comes out of a layer norm, as in a transformer block: the transpose must copy the
-    # concatenated operand, not fuse the normalisation and recompute it in transposed order
+    # x and dy come out of layer norms, as in a transformer block: the transpose must copy
+    # the concatenated operand, not fuse the normalisation and recompute it in transposed order
     hlo = _compiled_weight_gradient(lambda x0: jax.nn.standardize(x0, axis=-1), fan_in, fan_out)
     dots = _dots(hlo)
     assert dots and all("lhs_contracting_dims={1}" in d and "rhs_contracting_dims={0}" in d for d in dots), dots
