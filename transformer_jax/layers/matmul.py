@@ -73,37 +73,41 @@ def _copy_transposed(a: jax.Array) -> jax.Array:
     return lax.optimization_barrier(unfusable.T[: a.shape[1]])
 
 
-@jax.custom_jvp
-def _written_out_x(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return x @ kernel
+def _with_weight_term(weight_term):
+    """`x @ kernel` whose tangent's kernel term, `x @ dkernel`, is `weight_term(x, dkernel)`:
+    the same product written so that JAX's transpose of it is the gradient we want."""
+
+    @jax.custom_jvp
+    def product(x: jax.Array, kernel: jax.Array) -> jax.Array:
+        return x @ kernel
+
+    @product.defjvp
+    def _jvp(primals, tangents):
+        (x, kernel), (dx, dkernel) = primals, tangents
+        return x @ kernel, dx @ kernel + weight_term(x, dkernel)
+
+    return product
 
 
-@_written_out_x.defjvp
-def _written_out_x_jvp(primals, tangents):
-    (x, kernel), (dx, dkernel) = primals, tangents
-    x_t = _copy_transposed(x)  # [fan_in, n], a residual of the forward pass
-    # x @ dkernel, contracted from x^T: its transpose is x^T @ dy, [fan_in, n] @ [n, fan_out]
-    weight_term = lax.dot_general(x_t, dkernel, (((0,), (0,)), _NO_BATCH))
-    return x @ kernel, dx @ kernel + weight_term
+def _from_x_transposed(x: jax.Array, dkernel: jax.Array) -> jax.Array:
+    """x @ dkernel, contracted from a copied x^T [fan_in, n] (a residual of the forward
+    pass): its transpose is x^T @ dy, [fan_in, n] @ [n, fan_out]."""
+    return lax.dot_general(_copy_transposed(x), dkernel, (((0,), (0,)), _NO_BATCH))
 
 
-@jax.custom_jvp
-def _written_out_dy(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return x @ kernel
-
-
-@_written_out_dy.defjvp
-def _written_out_dy_jvp(primals, tangents):
-    (x, kernel), (dx, dkernel) = primals, tangents
-    fan_out = kernel.shape[1]
-    # x @ dkernel as (dkernel^T x^T)^T, written in the reverse of the order that its transpose
-    # runs: dy^T is copied (concatenate, transpose, slice), then dy^T @ x, [fan_out, n] @
-    # [n, fan_in], then that small result is transposed. The barriers keep XLA from folding
-    # either transpose into the product.
+def _to_dy_transposed(x: jax.Array, dkernel: jax.Array) -> jax.Array:
+    """x @ dkernel as (dkernel^T x^T)^T, written in the reverse of the order that its
+    transpose runs: dy^T is copied (concatenate, transpose, slice), then dy^T @ x,
+    [fan_out, n] @ [n, fan_in], then that small result is transposed. The barriers keep XLA
+    from folding either transpose into the product."""
+    fan_out = dkernel.shape[1]
     product = lax.dot_general(lax.optimization_barrier(dkernel.T), x, (((1,), (1,)), _NO_BATCH))
     padded = jnp.pad(lax.optimization_barrier(product), ((0, 1), (0, 0)))  # [fan_out + 1, n]
-    weight_term, zero = lax.split(padded.T, [fan_out, 1], axis=1)
+    term, zero = lax.split(padded.T, [fan_out, 1], axis=1)
     # adding the zero column makes the transpose concatenate dy with a column of its own,
     # not with zeros (which XLA would turn into a fusible pad)
-    weight_term = weight_term + jnp.pad(zero, ((0, 0), (0, fan_out - 1)))
-    return x @ kernel, dx @ kernel + weight_term
+    return term + jnp.pad(zero, ((0, 0), (0, fan_out - 1)))
+
+
+_written_out_x = _with_weight_term(_from_x_transposed)
+_written_out_dy = _with_weight_term(_to_dy_transposed)
